@@ -1,0 +1,3 @@
+"""reft_lab: representation finetuning beside LoRA/DoRA and full fine-tuning, with accounting."""
+
+__version__ = "0.1.0"

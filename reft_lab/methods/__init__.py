@@ -1,0 +1,61 @@
+"""The method registry: ``method=<name>`` → a config dataclass and how it attaches to a model.
+
+ReFT variants register themselves in ``reft_lab.interventions``; every registered intervention is
+a method here, sharing ``ReftConfig`` and ``attach_reft``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import nn
+
+from reft_lab.errors import config_error
+from reft_lab.interventions import INTERVENTIONS
+from reft_lab.methods.base import MethodConfig, TunedModel
+from reft_lab.methods.lora import LoraConfig, attach_lora
+from reft_lab.methods.reft import ReftConfig, ReftModel, attach_reft
+from reft_lab.methods.weights import FullConfig, NoneConfig, attach_full, attach_none
+
+
+@dataclass(frozen=True)
+class Method:
+    config: type[MethodConfig]
+    attach: Callable[[nn.Module, MethodConfig], TunedModel]
+    is_reft: bool = False
+
+
+METHODS: dict[str, Method] = {
+    **{name: Method(ReftConfig, attach_reft, is_reft=True) for name in INTERVENTIONS},
+    "lora": Method(LoraConfig, attach_lora),
+    "dora": Method(LoraConfig, attach_lora),
+    "full": Method(FullConfig, attach_full),
+    "none": Method(NoneConfig, attach_none),
+}
+
+
+def method_config(raw: dict | MethodConfig) -> MethodConfig:
+    """Validate a ``method`` config mapping (from Hydra or a saved adapter) into its dataclass."""
+    if isinstance(raw, MethodConfig):
+        return raw
+    name = raw.get("name")
+    if name not in METHODS:
+        raise config_error("method", name, f"one of {', '.join(METHODS)}")
+    return METHODS[name].config.from_dict(dict(raw))
+
+
+def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "") -> TunedModel:
+    """Attach a method to a loaded model; the base's size (and, for methods that train base
+    weights, its fingerprint) is taken before the method touches it."""
+    from reft_lab.accounting import count_parameters, fingerprint
+
+    config = method_config(config)
+    base_params = count_parameters(model)
+    base_fingerprint = fingerprint(model) if config.name == "full" else None
+    tuned = METHODS[config.name].attach(model, config)
+    tuned.base_params, tuned.base_name, tuned.base_fingerprint = base_params, base_name, base_fingerprint
+    return tuned
+
+
+__all__ = ["METHODS", "Method", "MethodConfig", "ReftConfig", "ReftModel", "TunedModel", "attach", "method_config"]

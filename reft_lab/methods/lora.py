@@ -1,0 +1,75 @@
+"""LoRA and DoRA through peft, the field's reference implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import peft
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+from torch import nn
+
+from reft_lab.errors import ConfigError, config_error
+from reft_lab.methods.base import MethodConfig, TunedModel
+
+
+@dataclass(kw_only=True)
+class LoraConfig(MethodConfig):
+    """LoRA (arXiv 2106.09685): W + (alpha/r)·BA on target modules; DoRA (arXiv 2402.09353) adds a
+    learned magnitude per output column (``name: dora``)."""
+
+    name: str = "lora"
+    lr: float = 5e-4
+    rank: int = 8  # r: higher = more capacity and parameters
+    alpha: float = 16  # scale alpha/r on the update
+    dropout: float = 0.05  # on the LoRA branch input
+    target_modules: list[str] | None = None  # null = peft's default for the architecture (q/v projections)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.name not in ("lora", "dora"):
+            raise config_error("method", self.name, "lora or dora")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise config_error("method.rank", self.rank, "an integer ≥ 1")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise config_error("method.alpha", self.alpha, "a number > 0")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise config_error("method.dropout", self.dropout, "a number in [0, 1)")
+        if self.target_modules is not None:
+            self.target_modules = [str(m) for m in self.target_modules]
+            if not self.target_modules:
+                raise config_error("method.target_modules", [], "null (architecture default) or a non-empty list of module names")
+
+
+class PeftTunedModel(TunedModel):
+    @property
+    def base_model(self) -> nn.Module:
+        return self.model.get_base_model()
+
+
+def _targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    model_type = model.config.model_type
+    targets = config.target_modules or PEFT_DEFAULT_TARGETS.get(model_type)
+    if not targets:
+        raise config_error("method.target_modules", None, f"a list of module names: peft has no default for model type {model_type!r}")
+    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if not list(module.children())}
+    missing = [t for t in targets if t not in leaf_names]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                         if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
+        raise ConfigError(
+            f"method.target_modules={list(targets)!r}: {missing} not found in {type(model).__name__}; "
+            f"its linear modules are {linear}"
+        )
+    return list(targets)
+
+
+def attach_lora(model, config: LoraConfig) -> PeftTunedModel:
+    peft_config = peft.LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=_targets(model, config),
+        use_dora=config.name == "dora",
+        task_type="CAUSAL_LM",
+    )
+    return PeftTunedModel(peft.get_peft_model(model, peft_config), config)

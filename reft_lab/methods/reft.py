@@ -1,0 +1,153 @@
+"""ReFT methods: interventions on the residual stream of a frozen causal LM.
+
+Each chosen decoder layer gets a forward hook that edits its output at the prompt positions of the
+current batch: gather the selected rows once, add each intervention's Δ, scatter back. Positions
+are built once per batch (``reft_lab.positions``), never per hook.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+from reft_lab.errors import config_error
+from reft_lab.interventions import INTERVENTIONS
+from reft_lab.methods.base import MethodConfig, TunedModel
+from reft_lab.models.layers import decoder_layers, hidden_size
+from reft_lab.models.loading import DTYPES
+from reft_lab.positions import Positions, PositionSpec, prompt_positions
+
+
+@dataclass(kw_only=True)
+class ReftConfig(MethodConfig):
+    """Shared by every registered intervention (loreft, direft, noreft, ...)."""
+
+    name: str = "loreft"
+    lr: float = 2e-3
+    rank: int = 4  # r: higher = more capacity, 2·r·d + r parameters per intervention
+    layers: list[int] | str = "all"  # decoder layers whose output is edited, or "all"
+    positions: str = "f3+l3"  # first/last prompt tokens edited (paper §4)
+    tied: bool = False  # true: one intervention per layer for all positions; false: one per group
+    dropout: float = 0.0  # on the edit only
+    dtype: str | None = None  # intervention parameters; null = the model's dtype
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.name not in INTERVENTIONS:
+            raise config_error("method", self.name, f"one of {', '.join(sorted(INTERVENTIONS))}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise config_error("method.rank", self.rank, "an integer ≥ 1 (and ≤ the model's hidden size)")
+        if isinstance(self.layers, str):
+            if self.layers != "all":
+                raise config_error("method.layers", self.layers, "a list of layer indices or 'all'")
+        else:
+            self.layers = list(self.layers)
+            if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
+                raise config_error("method.layers", self.layers, "a non-empty list of integer layer indices or 'all'")
+            if len(set(self.layers)) != len(self.layers):
+                raise config_error("method.layers", self.layers, "layer indices without repeats")
+        if not isinstance(self.tied, bool):
+            raise config_error("method.tied", self.tied, "true or false")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            raise config_error("method.dropout", self.dropout, "a number in [0, 1)")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise config_error("method.dtype", self.dtype, f"null or one of {', '.join(DTYPES)}")
+        self.spec  # parse now: a malformed spec fails at config time
+
+    @cached_property
+    def spec(self) -> PositionSpec:
+        return PositionSpec.parse(self.positions)
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(n_layers))
+        bad = [i for i in self.layers if not 0 <= i < n_layers]
+        if bad:
+            raise config_error("method.layers", self.layers, f"indices in [0, {n_layers - 1}] (this model has {n_layers} layers)")
+        return sorted(self.layers)
+
+
+def intervention_key(layer: int, group: str) -> str:
+    return f"layer{layer}" if group == "all" else f"layer{layer}_{group}"
+
+
+class ReftModel(TunedModel):
+    """A frozen causal LM whose chosen decoder-layer outputs are edited by interventions."""
+
+    def __init__(self, model: nn.Module, config: ReftConfig):
+        super().__init__(model, config)
+        model.requires_grad_(False)
+        blocks = decoder_layers(model)
+        d = hidden_size(model)
+        if config.rank > d:
+            raise config_error("method.rank", config.rank, f"an integer in [1, {d}] (the model's hidden size)")
+        self.layer_ids = config.layer_indices(len(blocks))
+        self.groups = config.spec.groups(config.tied)
+        param = next(model.parameters())
+        dtype = DTYPES[config.dtype] if config.dtype else param.dtype
+        make = INTERVENTIONS[config.name]
+        with torch.device(param.device):
+            self.interventions = nn.ModuleDict(
+                {intervention_key(i, g): make(d, config.rank, config.dropout, dtype) for i in self.layer_ids for g in self.groups}
+            )
+        self._active: Positions | None = None
+        self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
+        self._forward_calls = 0
+        self._hooks = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
+        self._hooks.append(model.register_forward_pre_hook(self._count_call))
+
+    def _count_call(self, module, args):
+        self._forward_calls += 1
+
+    def _hook(self, layer: int):
+        routes = [(self.interventions[intervention_key(layer, g)], cols) for g, cols in self.groups.items()]
+
+        def edit_output(module, args, output):
+            positions = self._active
+            if positions is None or (self._prompt_only and self._forward_calls > 1):
+                return output
+            hidden = output[0] if isinstance(output, tuple) else output
+            index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            rows = hidden.gather(1, index)
+            edits = [intervention.edit(rows[:, cols]) for intervention, cols in routes]
+            delta = edits[0] if len(edits) == 1 else torch.cat(edits, 1)
+            delta = delta * positions.valid.unsqueeze(-1).to(delta.dtype)
+            hidden = hidden.scatter_add(1, index, delta)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return edit_output
+
+    @contextmanager
+    def editing(self, input_ids, attention_mask, prompt_lengths=None, prompt_only=False):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._active = prompt_positions(self.config.spec, attention_mask, prompt_lengths)
+        self._prompt_only, self._forward_calls = prompt_only, 0
+        try:
+            yield attention_mask
+        finally:
+            self._active, self._prompt_only = None, False
+
+    def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
+        with self.editing(input_ids, attention_mask, prompt_lengths) as mask:
+            return self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """At inference the prompt is the input: its positions are edited in the prompt pass only."""
+        with self.editing(input_ids, attention_mask, prompt_only=True) as mask:
+            return self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+
+    def no_decay_parameter_names(self) -> set[str]:
+        names = super().no_decay_parameter_names()
+        for key, intervention in self.interventions.items():
+            names |= {f"interventions.{key}.{p}" for p in intervention.no_decay}
+        return names
+
+
+def attach_reft(model, config: ReftConfig) -> ReftModel:
+    return ReftModel(model, config)

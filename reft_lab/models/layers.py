@@ -1,0 +1,36 @@
+"""Locating the residual stream of any transformers causal LM, without a per-architecture table."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from reft_lab.errors import ConfigError
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def hidden_size(model: nn.Module) -> int:
+    return int(_text_config(model).hidden_size)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks: the shallowest nn.ModuleList of ``num_hidden_layers`` blocks of
+    one class. Their outputs are the residual stream ReFT edits."""
+    n_layers = getattr(_text_config(model), "num_hidden_layers", None)
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and (n_layers is None or len(module) == n_layers)
+        and len({type(block) for block in module}) == 1
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"cannot find the decoder-layer list of {type(model).__name__}: no nn.ModuleList of "
+            f"{n_layers} identical blocks; ReFT methods need one (LoRA, full and none do not)"
+        )
+    return min(candidates, key=lambda c: (c[0], c[1]))[2]
