@@ -25,7 +25,8 @@ class LoReFT(Intervention):
         self.W = self.new_param(rank, hidden_size)
         self.b = self.new_param(rank)
         with torch.no_grad():
-            nn.init.orthogonal_(self.rotation)
+            # QR has no bf16/fp16 kernel: draw the orthogonal init in fp32
+            self.rotation.copy_(nn.init.orthogonal_(torch.empty_like(self.rotation, dtype=torch.float32)))
             linear_init_(self.W, self.b)
 
     @property

@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from reft_lab.config import build_section, plain
 from reft_lab.errors import config_error
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.base import MethodConfig, TunedModel
@@ -39,10 +40,11 @@ def method_config(raw: dict | MethodConfig) -> MethodConfig:
     """Validate a ``method`` config mapping (from Hydra or a saved adapter) into its dataclass."""
     if isinstance(raw, MethodConfig):
         return raw
-    name = raw.get("name")
+    raw = plain(raw)
+    name = raw.get("name") if isinstance(raw, dict) else raw
     if name not in METHODS:
         raise config_error("method", name, f"one of {', '.join(METHODS)}")
-    return METHODS[name].config.from_dict(dict(raw))
+    return build_section(METHODS[name].config, raw, "method")
 
 
 def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "") -> TunedModel:
@@ -55,7 +57,7 @@ def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "") -
     base_fingerprint = fingerprint(model) if config.name == "full" else None
     tuned = METHODS[config.name].attach(model, config)
     tuned.base_params, tuned.base_name, tuned.base_fingerprint = base_params, base_name, base_fingerprint
-    return tuned
+    return tuned.eval()  # deterministic until the trainer calls .train()
 
 
 __all__ = ["METHODS", "Method", "MethodConfig", "ReftConfig", "ReftModel", "TunedModel", "attach", "method_config"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,15 +21,6 @@ class MethodConfig:
         if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
             raise config_error("method.lr", self.lr, "a number ≥ 0")
 
-    @classmethod
-    def from_dict(cls, raw: dict) -> "MethodConfig":
-        allowed = {f.name for f in fields(cls)}
-        for key in raw:
-            if key not in allowed:
-                raise ConfigError(
-                    f"method.{key} is not a key of method={raw.get('name')}: allowed keys are {', '.join(sorted(allowed))}"
-                )
-        return cls(**raw)
 
 
 class TunedModel(nn.Module):

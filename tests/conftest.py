@@ -1,0 +1,33 @@
+import os
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from reft_lab.models import ModelConfig, load_model  # noqa: E402
+
+TINY_ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
+
+
+@pytest.fixture
+def tiny():
+    """tiny(arch) -> a fresh tiny random model (same weights every call) and its tokenizer."""
+
+    def make(arch: str = "llama", dtype: str = "float32"):
+        return load_model(ModelConfig(name_or_path=f"tiny:{arch}", dtype=dtype, device="cpu"))
+
+    return make
+
+
+@pytest.fixture
+def batch():
+    """Two rows of 9 tokens: row 0 right-padded (7 attended), row 1 left-padded (6 attended)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    return ids, mask, torch.tensor([5, 4])

@@ -1,0 +1,103 @@
+"""Adapters: save → load gives identical logits; pyreft import/export; mismatched bases refused."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from reft_lab.accounting import param_report
+from reft_lab.adapters import CONFIG_FILE, WEIGHTS_FILE, export_pyreft, import_pyreft, load_adapter, save_adapter
+from reft_lab.errors import AdapterError
+from reft_lab.methods import attach
+
+from test_methods import METHOD_ROWS, _train_steps
+
+
+@pytest.mark.parametrize("row", METHOD_ROWS, ids=lambda r: r["name"])
+def test_save_load_identical_logits(tiny, batch, tmp_path, row):
+    loaded = tiny()
+    tuned = attach(loaded.model, dict(row), loaded.name)
+    if row["name"] != "none":
+        _train_steps(tuned)
+    ids, mask, lengths = batch
+    expected = tuned(ids, attention_mask=mask, prompt_lengths=lengths).logits
+    save_adapter(tuned, tmp_path)
+    assert os.path.getsize(tmp_path / WEIGHTS_FILE) == param_report(tuned).adapter_bytes
+    config = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert config["method"]["name"] == row["name"] and config["base"]["name_or_path"] == "tiny:llama"
+    assert config["base"]["fingerprint"] and config["dtype"] in ("float32", [])
+    restored = load_adapter(tiny().model, tmp_path)
+    assert torch.equal(restored(ids, attention_mask=mask, prompt_lengths=lengths).logits, expected)
+
+
+def test_adapter_config_records_reft_fields(tiny, tmp_path):
+    tuned = attach(tiny().model, {"name": "loreft", "rank": 3, "layers": [2], "positions": "f1+l2", "tied": True})
+    save_adapter(tuned, tmp_path)
+    method = json.loads((tmp_path / CONFIG_FILE).read_text())["method"]
+    assert {k: method[k] for k in ("rank", "layers", "positions", "tied")} == {
+        "rank": 3, "layers": [2], "positions": "f1+l2", "tied": True}
+
+
+def test_mismatched_base_is_refused(tiny, tmp_path):
+    save_adapter(attach(tiny("llama").model, {"name": "loreft", "layers": [0]}), tmp_path)
+    other = tiny("llama").model
+    with torch.no_grad():
+        other.model.norm.weight.add_(1e-3)
+    with pytest.raises(AdapterError, match="was trained on base 'tiny:llama'|trained on base"):
+        load_adapter(other, tmp_path)
+    with pytest.raises(AdapterError):
+        load_adapter(tiny("qwen2").model, tmp_path)
+
+
+def test_missing_and_corrupt_adapters(tiny, tmp_path):
+    with pytest.raises(AdapterError, match="does not exist"):
+        load_adapter(tiny().model, tmp_path / "nope")
+    save_adapter(attach(tiny().model, {"name": "loreft", "layers": [0]}), tmp_path)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00" * 40)
+    with pytest.raises(AdapterError, match="cannot be read"):
+        load_adapter(tiny().model, tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        load_adapter(tiny().model, tmp_path)
+
+
+@pytest.mark.parametrize("name,tied", [("loreft", False), ("loreft", True), ("direft", False), ("noreft", True)])
+def test_pyreft_export_import_round_trip(tiny, batch, tmp_path, name, tied):
+    ids, mask, lengths = batch
+    tuned = attach(tiny().model, {"name": name, "rank": 4, "layers": [0, 2], "positions": "f2+l2", "tied": tied})
+    _train_steps(tuned)
+    expected = tuned(ids, attention_mask=mask, prompt_lengths=lengths).logits
+    export_pyreft(tuned, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "config.json"
+    restored = import_pyreft(tiny().model, tmp_path, positions="f2+l2")
+    assert restored.config.tied == tied and restored.config.name == name
+    torch.testing.assert_close(restored(ids, attention_mask=mask, prompt_lengths=lengths).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pyreft_saved_directory_imports_and_exports_for_pyreft(tiny, tmp_path):
+    pyreft = pytest.importorskip("pyreft")
+    T = 8
+    reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+             "intervention": pyreft.LoreftIntervention(embed_dim=64, low_rank_dimension=4, dtype=torch.float32)}
+            for layer in (1, 3) for _ in range(2)]
+    theirs = pyreft.get_reft_model(tiny().model, pyreft.ReftConfig(representations=reps))
+    theirs.save(str(tmp_path / "pyreft"))
+    ids = torch.randint(3, 250, (2, T), generator=torch.Generator().manual_seed(5))
+    locations = [[pos] * 2 for _ in (1, 3) for pos in ([0, 1], [T - 2, T - 1])]
+    _, expected = theirs({"input_ids": ids}, unit_locations={"sources->base": (None, locations)})
+
+    ours = import_pyreft(tiny().model, tmp_path / "pyreft", positions="f2+l2")
+    torch.testing.assert_close(ours(ids).logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+    export_pyreft(ours, tmp_path / "back")
+    reloaded = pyreft.ReftModel.load(str(tmp_path / "back"), tiny().model)
+    ours_in_order = [ours.interventions[k] for k in ("layer1_first", "layer1_last", "layer3_first", "layer3_last")]
+    for theirs_i, ours_i in zip(reloaded.interventions.values(), ours_in_order):
+        torch.testing.assert_close(theirs_i.rotate_layer.weight, ours_i.R.T, atol=1e-6, rtol=0)
+        # pyreft's loader builds W and b in bf16 (its default dtype): exact up to that rounding
+        assert torch.equal(theirs_i.learned_source.weight, ours_i.W.detach().to(torch.bfloat16))
+        assert torch.equal(theirs_i.learned_source.bias, ours_i.b.detach().to(torch.bfloat16))
+        theirs_i.float()
+    _, again = reloaded({"input_ids": ids}, unit_locations={"sources->base": (None, locations)})
+    torch.testing.assert_close(again.logits, expected.logits, atol=5e-3, rtol=0)

@@ -1,0 +1,134 @@
+"""Every method through the generic checks: one row per method (a new ReFT variant adds one row)."""
+
+import pytest
+import torch
+
+from reft_lab.accounting import fingerprint, param_report
+from reft_lab.errors import ConfigError
+from reft_lab.methods import METHODS, attach
+from reft_lab.train import build_optimizer
+
+from conftest import TINY_ARCHS
+
+METHOD_ROWS = [
+    {"name": "loreft", "rank": 4, "layers": [1, 3], "positions": "f2+l2"},
+    {"name": "direft", "rank": 4, "layers": "all", "positions": "f1+l1", "tied": True},
+    {"name": "noreft", "rank": 2, "layers": [0], "positions": "l3"},
+    {"name": "lora", "rank": 4, "alpha": 8},
+    {"name": "dora", "rank": 4, "alpha": 8},
+    {"name": "full"},
+    {"name": "none"},
+]
+
+
+def test_every_registered_method_has_a_row():
+    assert {row["name"] for row in METHOD_ROWS} == set(METHODS)
+
+
+def _train_steps(tuned, steps=2):
+    tuned.train()
+    opt = build_optimizer(tuned, lr=1e-2, weight_decay=0.01)
+    ids = torch.randint(3, 250, (2, 8), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        loss = tuned(ids, labels=ids, prompt_lengths=torch.tensor([5, 6])).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    tuned.eval()
+
+
+@pytest.mark.parametrize("row", METHOD_ROWS, ids=lambda r: r["name"])
+def test_training_changes_exactly_the_trainable_state(tiny, row):
+    loaded = tiny()
+    base_before = fingerprint(loaded.model)
+    tuned = attach(loaded.model, dict(row), loaded.name)
+    trainable = {n: p.detach().clone() for n, p in tuned.trainable_state().items()}
+    frozen = {n: p.detach().clone() for n, p in tuned.named_parameters() if not p.requires_grad}
+    if row["name"] != "none":
+        _train_steps(tuned)
+    now = dict(tuned.named_parameters())
+    assert all(torch.equal(now[n], v) for n, v in frozen.items()), "a frozen parameter moved"
+    moved = [n for n, v in trainable.items() if not torch.equal(now[n], v)]
+    assert len(moved) == len(trainable), f"trainable parameters that did not move: {set(trainable) - set(moved)}"
+    changed_base = fingerprint(tuned.base_model) != base_before
+    assert changed_base == (row["name"] == "full")
+    if METHODS[row["name"]].is_reft:
+        assert all(n.startswith("interventions.") for n in trainable)
+    if row["name"] in ("lora", "dora"):
+        assert trainable and all("lora_" in n for n in trainable)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("name", ["loreft", "lora"])
+def test_forward_and_generate_on_every_architecture(tiny, batch, arch, name):
+    loaded = tiny(arch)
+    tuned = attach(loaded.model, {"name": name})
+    ids, mask, lengths = batch
+    logits = tuned(ids, attention_mask=mask, prompt_lengths=lengths).logits
+    assert logits.shape == (2, 9, loaded.model.config.vocab_size) and torch.isfinite(logits).all()
+    out = tuned.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12)
+
+
+def test_generate_edits_the_prompt_pass_only(tiny):
+    """Greedy generation through the ReFT model equals manual greedy decoding where only the
+    prompt forward is edited (decoding steps see the cache of the edited prompt)."""
+    loaded = tiny()
+    tuned = attach(loaded.model, {"name": "loreft", "rank": 4, "layers": [0, 2], "positions": "f1+l1"})
+    with torch.no_grad():
+        for p in tuned.interventions.parameters():
+            p.add_(torch.randn_like(p))
+    ids = torch.randint(3, 250, (1, 6), generator=torch.Generator().manual_seed(3))
+    got = tuned.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = tuned(ids, use_cache=True)
+        seq, past = ids, out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        for _ in range(3):
+            seq = torch.cat([seq, nxt], 1)
+            step = tuned.model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past, nxt = step.past_key_values, step.logits[:, -1].argmax(-1, keepdim=True)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(got, seq)
+
+
+def test_reft_accounting_formula(tiny):
+    tuned = attach(tiny().model, {"name": "loreft", "rank": 3, "layers": [0, 1, 2], "positions": "f2+l2"})
+    report = param_report(tuned)
+    assert report.trainable_params == 3 * 2 * (2 * 3 * 64 + 3)
+    assert report.base_params == sum(p.numel() for p in tiny().model.parameters())
+    assert report.trainable_pct == pytest.approx(100 * report.trainable_params / report.base_params)
+
+
+@pytest.mark.parametrize(
+    "row,key",
+    [
+        ({"name": "loreft", "rank": 65}, "method.rank"),
+        ({"name": "loreft", "rank": 0}, "method.rank"),
+        ({"name": "loreft", "layers": [4]}, "method.layers"),
+        ({"name": "loreft", "layers": [-1]}, "method.layers"),
+        ({"name": "loreft", "layers": "some"}, "method.layers"),
+        ({"name": "loreft", "positions": "m3"}, "method.positions"),
+        ({"name": "loreft", "dropout": 1.5}, "method.dropout"),
+        ({"name": "loreft", "bogus": 1}, "method.bogus"),
+        ({"name": "lora", "target_modules": ["not_a_module"]}, "method.target_modules"),
+        ({"name": "lora", "alpha": -1}, "method.alpha"),
+        ({"name": "magic"}, "method"),
+    ],
+)
+def test_bad_method_configs_name_the_key(tiny, row, key):
+    with pytest.raises(ConfigError) as err:
+        attach(tiny().model, row)
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_model_without_decoder_layers_is_named(tiny):
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = tiny().model.config
+            self.proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ConfigError, match="decoder-layer list of Odd"):
+        attach(Odd(), {"name": "loreft"})
