@@ -1,10 +1,112 @@
-"""Training: setup → evaluate before → train → evaluate after → save. One readable file."""
+"""``reft-lab train``: setup → evaluate the base → train → evaluate → save adapter and metrics.json.
+
+One readable file. Every job writes into Hydra's output directory (never the working directory):
+``metrics.json`` (schema in ``reft_lab.metrics``), ``adapter/``, ``predictions.jsonl`` and the
+logger's files. A failed job writes ``status: "failed"`` with its error; in a multirun the other
+jobs go on and the sweep exits non-zero at the end.
+"""
 
 from __future__ import annotations
 
-import torch
+import json
+import math
+import platform
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
 
-from reft_lab.methods import TunedModel
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from reft_lab import __version__
+from reft_lab.accounting import fingerprint, param_report
+from reft_lab.adapters import save_adapter
+from reft_lab.config import build_section
+from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples
+from reft_lab.data.tasks import TaskConfig, load_task
+from reft_lab.errors import ConfigError, ReftLabError, config_error
+from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
+from reft_lab.loggers import LoggerConfig, make_logger
+from reft_lab.methods import MethodConfig, TunedModel, attach, method_config
+from reft_lab.methods.weights import NoneConfig
+from reft_lab.metrics import SCHEMA, lookup, write_metrics
+from reft_lab.models import ModelConfig, load_model
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    max_steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = True
+    eval_batch_size: int = 32
+    log_every: int = 1
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            if getattr(self, key) < 1:
+                raise config_error(f"trainer.{key}", getattr(self, key), "an integer ≥ 1")
+        if self.lr is not None and not self.lr > 0:
+            raise config_error("trainer.lr", self.lr, "null (the method's default) or a number > 0")
+        if self.weight_decay < 0:
+            raise config_error("trainer.weight_decay", self.weight_decay, "a number ≥ 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise config_error("trainer.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise config_error("trainer.max_grad_norm", self.max_grad_norm, "null or a number > 0")
+
+
+@dataclass
+class RunSettings:
+    """The composed config, validated section by section before anything heavy happens."""
+
+    model: ModelConfig
+    method: MethodConfig
+    task: TaskConfig
+    trainer: TrainerConfig
+    logger: LoggerConfig
+    retention: EvalConfig
+    seed: int
+    optimized_metric: str
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "RunSettings":
+        known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric"}
+        unknown = sorted(set(cfg.keys()) - known - {"experiment", "hparams_search"})
+        if unknown:
+            raise ConfigError(f"{unknown[0]} is not a known top-level key: allowed are {', '.join(sorted(known))}")
+        seed = cfg.get("seed")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise config_error("seed", seed, "an integer")
+        metric = cfg.get("optimized_metric")
+        numeric = [k for k, (types, _, _) in SCHEMA.items() if float in types or int in types]
+        if not isinstance(metric, str) or not (metric in numeric or metric.startswith("retention.")):
+            raise config_error("optimized_metric", metric, f"a numeric metrics.json key ({', '.join(numeric)}) or retention.<metric>.after")
+        if metric.startswith("retention.") and lookup({"retention": {m: {"before": 0, "after": 0} for m in
+                                                      ("knowledge_accuracy", "knowledge_retention", "kl_drift", "leakage")}}, metric) is None:
+            raise config_error("optimized_metric", metric, "retention.<knowledge_accuracy|knowledge_retention|kl_drift|leakage>.<before|after>")
+        return cls(
+            model=build_section(ModelConfig, cfg.model, "model"),
+            method=method_config(cfg.method),
+            task=build_section(TaskConfig, cfg.task, "task"),
+            trainer=build_section(TrainerConfig, cfg.trainer, "trainer"),
+            logger=build_section(LoggerConfig, cfg.logger, "logger"),
+            retention=build_section(EvalConfig, cfg.retention, "retention"),
+            seed=seed,
+            optimized_metric=metric,
+        )
 
 
 def build_optimizer(tuned: TunedModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -29,3 +131,220 @@ def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_rat
         return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def batch_stream(data: list[EncodedExample], batch_size: int, pad_id: int, seed: int) -> Iterator[TrainBatch]:
+    """Endless batches; each epoch is a fresh permutation from a seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(data), generator=generator).tolist()
+        for i in range(0, len(order), batch_size):
+            yield collate_train([data[j] for j in order[i: i + batch_size]], pad_id)
+
+
+def response_loss(tuned: TunedModel, batch: TrainBatch) -> torch.Tensor:
+    """Mean cross-entropy over response tokens. Batches are left-padded, so every response ends at
+    the last position and the LM head runs on the last R + 1 positions only."""
+    keep = batch.labels.shape[1] + 1
+    out = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
+                logits_to_keep=keep, use_cache=False)
+    logits = out.logits[:, -keep:-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    final_loss: float | None = None
+    wall_s: float = 0.0
+    tokens_per_s: float | None = None
+
+
+def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, pad_id: int, logger) -> TrainStats:
+    t = settings.trainer
+    params = list(tuned.trainable_state().values())
+    lr = t.lr if t.lr is not None else settings.method.lr
+    if not params or lr == 0:
+        return TrainStats()
+    device = params[0].device
+    optimizer = build_optimizer(tuned, lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_ratio)
+    stream = batch_stream(data, t.batch_size, pad_id, settings.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
+    stats, tokens = TrainStats(), 0
+    tuned.train()
+    start = time.perf_counter()
+    bar = tqdm(range(t.max_steps), desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        step_loss = 0.0
+        for _ in range(t.grad_accum):
+            batch = next(stream).to(device)
+            with autocast:
+                loss = response_loss(tuned, batch) / t.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            tokens += batch.n_tokens
+        if not math.isfinite(step_loss):
+            raise ReftLabError(f"loss is {step_loss} at step {step + 1}: training stopped (lower trainer.lr or check the data)")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        stats = TrainStats(step + 1, step_loss, elapsed, tokens / elapsed)
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{stats.tokens_per_s:.0f}")
+        if (step + 1) % t.log_every == 0:
+            logger.log(step + 1, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                                  "grad_norm": float(grad_norm), "tokens_per_s": stats.tokens_per_s})
+    tuned.eval()
+    return stats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    return {"reft_lab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version()}
+
+
+def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
+    """One job; returns its metrics (already on disk). Raises on failure (the caller records it)."""
+    settings = RunSettings.from_cfg(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    seed_everything(settings.seed)
+    task = load_task(settings.task, settings.seed)  # data errors surface before the model loads
+    loaded = load_model(settings.model)
+    if loaded.on_meta:
+        raise config_error("model.name_or_path", settings.model.name_or_path, "a model with weights: this one loads on the meta device (accounting only, see `reft-lab params`)")
+    encoder = PromptEncoder(loaded.tokenizer, settings.model.chat_template)
+    suite = Suite(task, encoder, settings.retention)
+    fingerprint_before = fingerprint(loaded.model)
+    base = TunedModel(loaded.model, NoneConfig())
+    base_results = evaluate_base(base, suite, fingerprint_before)
+    base_lp = base_logprobs(base, suite, base_results)
+
+    tuned = attach(loaded.model, settings.method, loaded.name)
+    tuned.base_fingerprint = fingerprint_before
+    name = out.name
+    logger = make_logger(settings.logger, out, name, group, [settings.method.name, task.name, f"seed{settings.seed}"], config)
+    try:
+        stats = train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, logger)
+        after = evaluate_tuned(tuned, suite, base_results, base_lp)
+        save_adapter(tuned, out / "adapter")
+        params = param_report(tuned)
+        before_score, after_score = base_results.task_scores[task.metric], after["task_scores"][task.metric]
+        metrics = {
+            "status": "ok", "error": None, "method": settings.method.name, "model": loaded.name, "task": task.name,
+            "seed": settings.seed, **params.to_dict(), "task_metric": task.metric,
+            "task_before": before_score, "task_after": after_score, "task_gain": after_score - before_score,
+            "task_scores": {"before": base_results.task_scores, "after": after["task_scores"]},
+            "retention": after["retention"], "train_wall_s": stats.wall_s, "tokens_per_s": stats.tokens_per_s,
+            "peak_mem_bytes": peak_memory_bytes(next(tuned.parameters()).device), "final_loss": stats.final_loss,
+            "steps": stats.steps, "base_fingerprint_before": fingerprint_before,
+            "base_fingerprint_after": fingerprint(tuned.base_model), "versions": versions(), "config": config,
+            "output_dir": str(out), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_predictions(out, task, base_results.task_outputs, after["task_outputs"])
+        if lookup(metrics, settings.optimized_metric) is None:
+            raise config_error("optimized_metric", settings.optimized_metric, "a metric this run produces (it is null here)")
+        write_metrics(out, metrics)
+        logger.summary({k: v for k, v in metrics.items() if k not in ("config", "versions")})
+        return metrics
+    finally:
+        logger.finish()
+
+
+def _write_predictions(out: Path, task, before: list[str], after: list[str]) -> None:
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+        for ex, b, a in zip(task.test, before, after):
+            f.write(json.dumps({"prompt": ex.prompt, "expected": ex.response, "before": b, "after": a}, ensure_ascii=False) + "\n")
+
+
+def failed_metrics(cfg: DictConfig, out: Path, err: BaseException) -> dict:
+    def get(key):
+        value = OmegaConf.select(cfg, key, default=None)
+        return value if isinstance(value, (str, int)) else None
+
+    message = f"{type(err).__name__}: {err}" if not isinstance(err, ReftLabError) else str(err)
+    metrics = {key: None for key in SCHEMA if key != "schema_version"}
+    metrics.update({"status": "failed", "error": message.splitlines()[0] if message else type(err).__name__,
+                    "method": get("method.name"), "model": get("model.name_or_path"), "task": get("task.name"),
+                    "seed": get("seed"), "output_dir": str(out), "versions": versions(),
+                    "config": OmegaConf.to_container(cfg, resolve=False)})
+    write_metrics(out, metrics)
+    return metrics
+
+
+# --- Hydra entry -----------------------------------------------------------------------------
+
+FAILED_JOBS: list[str] = []
+
+
+def _hydra_main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    group = Path(hc.sweep.dir).name if multirun else "single"
+    try:
+        metrics = run_job(cfg, out, group)
+    except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
+        failed = failed_metrics(cfg, out, err)
+        FAILED_JOBS.append(f"{out}: {failed['error']}")
+        print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
+        if multirun:
+            return float("nan")  # sweepers count NaN as a failed trial
+        if isinstance(err, ReftLabError):
+            raise SystemExit(2) from None
+        raise
+    return float(lookup(metrics, cfg.optimized_metric))
+
+
+def run_hydra(args: list[str]) -> int:
+    import hydra
+
+    from reft_lab.config import conf_dir
+
+    FAILED_JOBS.clear()
+    main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_hydra_main)
+    argv = sys.argv
+    sys.argv = ["reft-lab train", *args]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    if FAILED_JOBS:
+        print(f"reft-lab train: {len(FAILED_JOBS)} job(s) failed:\n  " + "\n  ".join(FAILED_JOBS), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> None:
+    import os
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    sys.exit(run_hydra(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

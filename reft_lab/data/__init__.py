@@ -1,0 +1,1 @@
+"""Tasks (built-in and custom), their scoring, and the retention prompt sets."""

@@ -1,0 +1,82 @@
+"""Token ids for prompts and responses, and left-padded batches.
+
+Batches are left-padded so every response ends at the last position: the LM head then only needs
+the last (max response length + 1) positions, and ReFT positions start at the first attended token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from reft_lab.data.tasks import Example
+
+
+class PromptEncoder:
+    """Turns a user prompt into model input ids (through the chat template when enabled)."""
+
+    def __init__(self, tokenizer, chat_template: bool = True):
+        self.tokenizer = tokenizer
+        self.chat = chat_template and getattr(tokenizer, "chat_template", None) is not None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        if self.chat:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+            return list(ids)
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    def response_ids(self, response: str) -> list[int]:
+        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
+        return ids + ([self.eos_id] if self.eos_id is not None else [])
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@dataclass
+class EncodedExample:
+    prompt: list[int]
+    response: list[int]
+
+
+def encode_examples(encoder: PromptEncoder, examples: list[Example]) -> list[EncodedExample]:
+    return [EncodedExample(encoder.prompt_ids(e.prompt), encoder.response_ids(e.response)) for e in examples]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+@dataclass
+class TrainBatch:
+    input_ids: torch.Tensor  # [B, T], left-padded prompt + response
+    attention_mask: torch.Tensor
+    prompt_lengths: torch.Tensor  # [B]
+    labels: torch.Tensor  # [B, R]: the last R positions' targets, -100 where not a response token
+    n_tokens: int  # attended tokens (for tokens/s)
+
+    def to(self, device) -> "TrainBatch":
+        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_lengths.to(device),
+                          self.labels.to(device), self.n_tokens)
+
+
+def collate_train(examples: list[EncodedExample], pad_id: int) -> TrainBatch:
+    ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id)
+    width = max(len(e.response) for e in examples)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        labels[row, width - len(e.response):] = torch.tensor(e.response, dtype=torch.long)
+    lengths = torch.tensor([len(e.prompt) for e in examples], dtype=torch.long)
+    return TrainBatch(ids, mask, lengths, labels, int(mask.sum()))

@@ -1,0 +1,82 @@
+"""Step loggers: wandb (one run per job, offline by default), csv, none."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reft_lab.errors import config_error
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    name: str = "wandb"
+    mode: str = "offline"  # wandb only
+    project: str = "reft_lab"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.name not in ("wandb", "csv", "none"):
+            raise config_error("logger", self.name, "wandb, csv or none")
+        if self.mode not in ("offline", "online", "disabled"):
+            raise config_error("logger.mode", self.mode, "offline, online or disabled")
+
+
+class NullLogger:
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class CsvLogger(NullLogger):
+    def __init__(self, path: Path):
+        self.path, self.file, self.writer = path, None, None
+
+    def log(self, step: int, values: dict) -> None:
+        row = {"step": step, **values}
+        if self.writer is None:
+            self.file = open(self.path, "w", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
+            self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def finish(self) -> None:
+        if self.file:
+            self.file.close()
+
+
+class WandbLogger(NullLogger):
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str, tags: list[str], config: dict):
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.project, mode=cfg.mode, dir=str(run_dir), name=name, group=group,
+                              tags=list(cfg.tags) + tags, config=config, reinit="finish_previous")
+
+    def log(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
+
+    def summary(self, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, (int, float, str, bool, dict)) or value is None:
+                self.run.summary[key] = value
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_logger(cfg: LoggerConfig, run_dir: Path, name: str, group: str, tags: list[str], config: dict):
+    if cfg.name == "csv":
+        return CsvLogger(run_dir / "train_log.csv")
+    if cfg.name == "wandb" and cfg.mode != "disabled":
+        return WandbLogger(cfg, run_dir, name, group, tags, config)
+    return NullLogger()
