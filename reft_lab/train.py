@@ -326,11 +326,19 @@ def run_hydra(args: list[str]) -> int:
     from reft_lab.config import conf_dir
 
     FAILED_JOBS.clear()
+    if not {"-m", "--multirun"} & set(args):
+        # a single run is validated before Hydra makes its output directory: one line per mistake
+        from reft_lab.config import compose
+
+        RunSettings.from_cfg(compose([a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]))
     main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_hydra_main)
     argv = sys.argv
     sys.argv = ["reft-lab train", *args]
     try:
         main()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
     if FAILED_JOBS:

@@ -1,0 +1,213 @@
+"""``reft-lab report <dir>...``: gather metrics.json files into report.md, report.csv, pareto.png.
+
+Jobs whose configs differ only by seed form one group (mean ± 95% CI over seeds). Failed jobs
+(status "failed") and missing ones (a job directory without metrics.json) are listed as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from reft_lab.errors import ReftLabError
+from reft_lab.io import atomic_write, atomic_write_text
+from reft_lab.metrics import METRICS_FILE, lookup, read_metrics
+
+COLUMNS = [  # (csv column, dotted metrics key)
+    ("method", "method"), ("task", "task"), ("model", "model"), ("seed", "seed"), ("status", "status"),
+    ("trainable_params", "trainable_params"), ("trainable_pct", "trainable_pct"), ("adapter_bytes", "adapter_bytes"),
+    ("task_metric", "task_metric"), ("task_before", "task_before"), ("task_after", "task_after"), ("task_gain", "task_gain"),
+    ("knowledge_retention", "retention.knowledge_retention.after"),
+    ("knowledge_acc_before", "retention.knowledge_accuracy.before"), ("knowledge_acc_after", "retention.knowledge_accuracy.after"),
+    ("kl_drift", "retention.kl_drift.after"), ("leakage_before", "retention.leakage.before"),
+    ("leakage_after", "retention.leakage.after"), ("train_wall_s", "train_wall_s"), ("tokens_per_s", "tokens_per_s"),
+    ("final_loss", "final_loss"), ("error", "error"), ("output_dir", "output_dir"),
+]
+SUMMARY = [("task_before", "task before"), ("task_after", "task after"), ("task_gain", "task gain"),
+           ("retention.knowledge_retention.after", "knowledge retention"), ("retention.kl_drift.after", "KL drift"),
+           ("retention.leakage.after", "leakage")]
+# two-sided 95% t quantiles by degrees of freedom (normal beyond 30)
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and the half-width of its 95% t confidence interval (None for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    df = n - 1
+    t = T95.get(df) or next((T95[k] for k in sorted(T95) if k >= df), 1.96)
+    return mean, t * sd / math.sqrt(n)
+
+
+def gather(dirs: list[Path]) -> tuple[list[dict], list[str]]:
+    rows, missing = [], []
+    for root in dirs:
+        if not root.exists():
+            raise ReftLabError(f"report: directory {root} does not exist")
+        for path in sorted(root.rglob(METRICS_FILE)):
+            try:
+                rows.append(read_metrics(path))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                rows.append({"status": "failed", "error": f"unreadable {path}: {err}", "output_dir": str(path.parent)})
+        for hydra_dir in sorted(root.rglob(".hydra")):
+            job = hydra_dir.parent
+            if not (job / METRICS_FILE).exists():
+                missing.append(str(job))
+    return rows, missing
+
+
+def _group_key(row: dict) -> str:
+    config = dict(row.get("config") or {})
+    config.pop("seed", None)
+    return json.dumps(config, sort_keys=True, default=str)
+
+
+def group(rows: list[dict]) -> list[dict]:
+    """Groups of ok jobs that differ only by seed, labelled by method plus what tells them apart."""
+    buckets: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row.get("status") == "ok":
+            buckets[_group_key(row)].append(row)
+    groups = []
+    for members in buckets.values():
+        first = members[0]
+        stats = {}
+        for key, _ in SUMMARY:
+            values = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
+            stats[key] = mean_ci(values) if values else (None, None)
+        groups.append({"method": first["method"], "task": first["task"], "model": first["model"], "n": len(members),
+                       "trainable_params": first["trainable_params"], "trainable_pct": first["trainable_pct"],
+                       "adapter_bytes": first["adapter_bytes"], "config": first.get("config") or {}, "stats": stats})
+    _label(groups)
+    return sorted(groups, key=lambda g: (g["task"], g["model"], g["label"]))
+
+
+def _label(groups: list[dict]) -> None:
+    by_method = defaultdict(list)
+    for g in groups:
+        by_method[(g["method"], g["task"], g["model"])].append(g)
+    for same in by_method.values():
+        for g in same:
+            g["label"] = g["method"]
+            if len(same) > 1:
+                keys = sorted({k for o in same for k in (o["config"].get("method") or {})})
+                differing = [k for k in keys if len({json.dumps((o["config"].get("method") or {}).get(k)) for o in same}) > 1]
+                g["label"] += " (" + ", ".join(f"{k}={(g['config'].get('method') or {}).get(k)}" for k in differing) + ")"
+
+
+def _fmt(value, ci=None, digits=3) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {ci:.{digits}f}" if ci is not None else "")
+
+
+def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
+    head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in SUMMARY]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        cells = [g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
+                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in SUMMARY]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "# reft_lab report\n\n" + "\n".join(lines) + "\n"
+    text += ("\nMeans over seeds ± 95% t-interval half-width (shown when n ≥ 2). Task gain = task after − task "
+             "before on the held-out test split; knowledge retention = share of probe questions the base answers "
+             "correctly that the tuned model still answers; KL drift = mean per-token KL(base ‖ tuned); leakage = "
+             "share of off-task prompts answered in the task's format.\n")
+    failed = [r for r in rows if r.get("status") != "ok"]
+    if failed or missing:
+        text += "\n## Failed or missing jobs\n\n"
+        text += "".join(f"- failed: {r.get('output_dir')}: {r.get('error')}\n" for r in failed)
+        text += "".join(f"- missing (no metrics.json): {m}\n" for m in missing)
+    return text
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([c for c, _ in COLUMNS])
+    for row in rows:
+        writer.writerow(["" if (v := lookup(row, key)) is None else v for _, key in COLUMNS])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def pareto_plot(path: Path, groups: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    methods = sorted({g["method"] for g in groups})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for g in groups:
+        x, xe = g["stats"]["retention.knowledge_retention.after"]
+        y, ye = g["stats"]["task_gain"]
+        if x is None or y is None:
+            continue
+        size = 30 + 25 * math.log10(max(10, g["trainable_params"]))
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="none", ecolor=colours[g["method"]], alpha=0.6, capsize=3)
+        ax.scatter([x], [y], s=size, color=colours[g["method"]], edgecolor="black", linewidth=0.5, zorder=3)
+        right = x > 0.6  # keep labels inside the axes
+        ax.annotate(f"{g['label']} ({g['trainable_params']:,} params)", (x, y), textcoords="offset points",
+                    xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8)
+    for m in methods:
+        ax.scatter([], [], color=colours[m], label=m)
+    ax.set_xlim(-0.02, 1.05)
+    ax.margins(y=0.2)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("knowledge retention (share of base-correct probe answers kept)")
+    ax.set_ylabel("task gain (after − before)")
+    ax.set_title("Task gain vs retention (marker size ∝ log trainable params)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def print_table(groups: list[dict], rows: list[dict], missing: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="reft_lab report")
+    for name in ["method", "task", "n", "trainable", "% base"] + [n for _, n in SUMMARY]:
+        table.add_column(name, justify="left" if name in ("method", "task") else "right")
+    for g in groups:
+        table.add_row(g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
+                      *[_fmt(*g["stats"][key]) for key, _ in SUMMARY])
+    console = Console(width=160)
+    console.print(table)
+    for r in rows:
+        if r.get("status") != "ok":
+            console.print(f"[red]failed[/red] {r.get('output_dir')}: {r.get('error')}")
+    for m in missing:
+        console.print(f"[yellow]missing[/yellow] {m}: no metrics.json")
+
+
+def report_main(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="reft-lab report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories to search for metrics.json")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the report files (default: the first dir)")
+    opts = parser.parse_args(args)
+    rows, missing = gather(opts.dirs)
+    if not rows and not missing:
+        raise ReftLabError(f"report: no {METRICS_FILE} under {', '.join(map(str, opts.dirs))}")
+    out = opts.out or opts.dirs[0]
+    groups = group(rows)
+    atomic_write_text(out / "report.md", markdown(groups, rows, missing))
+    write_csv(out / "report.csv", rows)
+    pareto_plot(out / "pareto.png", groups)
+    print_table(groups, rows, missing)
+    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'pareto.png'}")
+    failed = sum(r.get("status") != "ok" for r in rows) + len(missing)
+    return 1 if failed else 0

@@ -1,0 +1,186 @@
+"""Training, multiruns, experiments, golden losses, loggers and the report (tiny models, CPU)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from reft_lab.cli import main
+from reft_lab.config import compose
+from reft_lab.data.batching import PromptEncoder, encode_examples
+from reft_lab.data.tasks import load_task
+from reft_lab.methods import attach
+from reft_lab.metrics import read_metrics, validate
+from reft_lab.models import load_model
+from reft_lab.train import RunSettings, seed_everything, train
+
+SMALL = ["model=tiny", "trainer=smoke", "retention.knowledge_probe=4", "retention.kl_prompts=2",
+         "retention.leakage_prompts=2", "retention.kl_tokens=4", "task.test_size=4"]
+
+
+def _metrics(root: Path) -> list[dict]:
+    return [read_metrics(p) for p in sorted(root.rglob("metrics.json"))]
+
+
+def test_two_job_multirun_and_report(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    assert main(["train", "-m", "method=loreft,lora", f"hydra.sweep.dir={sweep}", "logger=csv", *SMALL]) == 0
+    jobs = _metrics(sweep)
+    assert [m["method"] for m in jobs] == ["loreft", "lora"]
+    for m in jobs:
+        assert validate(m) == [], validate(m)
+        assert m["status"] == "ok" and m["steps"] == 3 and m["final_loss"] > 0
+        job = Path(m["output_dir"])
+        assert (job / "adapter" / "adapter_model.safetensors").exists() and (job / "train_log.csv").exists()
+        assert len((job / "train_log.csv").read_text().splitlines()) == 4  # header + 3 steps
+    assert jobs[0]["base_fingerprint_before"] == jobs[0]["base_fingerprint_after"]
+    assert main(["report", str(sweep)]) == 0
+    md = (sweep / "report.md").read_text()
+    assert "loreft" in md and "lora" in md
+    assert (sweep / "pareto.png").stat().st_size > 1000
+    assert (sweep / "report.csv").read_text().count("\n") == 3
+
+
+def test_every_experiment_smoke_runs(tmp_path):
+    sweep = tmp_path / "experiments"
+    experiments = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
+    assert "quickstart" in experiments
+    assert main(["train", "-m", "experiment=glob(*)", f"hydra.sweep.dir={sweep}", "logger=none", *SMALL,
+                 "trainer.max_steps=2"]) == 0
+    jobs = _metrics(sweep)
+    assert len(jobs) == len(experiments) and all(m["status"] == "ok" for m in jobs)
+
+
+# 3 steps of tiny:llama, fp32, seed 0, LoReFT defaults on json_answer (trainer=smoke).
+GOLDEN_LOSSES = {"loreft": [5.631548, 5.612919, 5.615304], "lora": [5.642498, 5.622988, 5.623750]}
+
+
+@pytest.mark.parametrize("method", sorted(GOLDEN_LOSSES))
+def test_golden_losses(method):
+    settings = RunSettings.from_cfg(compose([*SMALL, f"method={method}"]))
+    seed_everything(settings.seed)
+    loaded = load_model(settings.model)
+    task = load_task(settings.task)
+    encoder = PromptEncoder(loaded.tokenizer, True)
+    tuned = attach(loaded.model, settings.method)
+
+    class Record:
+        losses = []
+
+        def log(self, step, values):
+            self.losses.append(values["loss"])
+
+    record = Record()
+    train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, record)
+    assert record.losses == pytest.approx(GOLDEN_LOSSES[method], rel=1e-5, abs=1e-6)
+
+
+def test_wandb_offline_writes_one_run_per_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "wb"
+    assert main(["train", "-m", "method=loreft,none", f"hydra.sweep.dir={sweep}", "logger=wandb", *SMALL]) == 0
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{job}: {runs}"
+
+
+def test_untouched_model_retains_everything(tmp_path):
+    run = tmp_path / "none"
+    assert main(["train", f"hydra.run.dir={run}", "method=none", "logger=none", *SMALL]) == 0
+    m = read_metrics(run / "metrics.json")
+    r = m["retention"]
+    assert r["kl_drift"]["after"] == pytest.approx(0.0, abs=1e-7)
+    assert r["leakage"]["after"] == r["leakage"]["before"]
+    assert r["knowledge_accuracy"]["after"] == r["knowledge_accuracy"]["before"]
+    assert m["task_gain"] == 0 and m["trainable_params"] == 0 and m["steps"] == 0
+
+
+@pytest.mark.slow
+def test_untouched_smollm2_retention_is_one(tmp_path):
+    run = tmp_path / "none"
+    overrides = ["method=none", "logger=none", "retention.knowledge_probe=24", "retention.kl_prompts=4",
+                 "retention.leakage_prompts=4", "retention.kl_tokens=4", "task.test_size=4"]
+    assert main(["train", f"hydra.run.dir={run}", *overrides]) == 0
+    r = read_metrics(run / "metrics.json")["retention"]
+    assert r["knowledge_accuracy"]["before"] > 0.2
+    assert r["knowledge_retention"]["after"] == 1.0
+    assert r["kl_drift"]["after"] == pytest.approx(0.0, abs=1e-6)
+    assert r["leakage"]["after"] == r["leakage"]["before"]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": \n', "data.jsonl:2: not valid JSON"),
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "c"}\n', "data.jsonl:2: missing or empty string field 'response'"),
+        ("\n\n", "the file has no examples"),
+    ],
+)
+def test_bad_jsonl_fails_with_file_and_line(tmp_path, capsys, content, needle):
+    path = _write(tmp_path / "data.jsonl", content)
+    run = tmp_path / "run"
+    assert main(["train", f"hydra.run.dir={run}", "task=jsonl", f"task.path={path}", "logger=none", *SMALL[:2]]) == 2
+    assert needle in capsys.readouterr().err
+    assert read_metrics(run / "metrics.json")["status"] == "failed"
+
+
+def test_overlapping_test_split_is_refused(tmp_path, capsys):
+    rows = "".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(6))
+    train_path, test_path = _write(tmp_path / "train.jsonl", rows), _write(tmp_path / "test.jsonl", "".join(rows.splitlines(True)[:2]))
+    run = tmp_path / "run"
+    assert main(["train", f"hydra.run.dir={run}", "task=jsonl", f"task.path={train_path}", f"task.test_path={test_path}",
+                 "logger=none", *SMALL[:2]]) == 2
+    assert "also appear in the training split" in capsys.readouterr().err
+    assert read_metrics(run / "metrics.json")["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("task=nope", "task/nope"),
+        ("optimized_metric=accuracy", "optimized_metric"),
+        ("optimized_metric=retention.nothing.after", "optimized_metric"),
+        ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.lr=-1", "trainer.lr"),
+        ("retention.knowledge_probe=100000", "retention.knowledge_probe"),
+    ],
+)
+def test_bad_training_config_exits_nonzero_without_ok_metrics(tmp_path, capsys, override, needle):
+    run = tmp_path / "run"
+    assert main(["train", f"hydra.run.dir={run}", "logger=none", *SMALL, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1
+    assert not (run / "metrics.json").exists()
+
+
+def test_optimized_metric_not_produced(tmp_path, capsys):
+    """knowledge_retention is null on a tiny random model (it answers no probe question)."""
+    run = tmp_path / "run"
+    assert main(["train", f"hydra.run.dir={run}", "logger=none", *SMALL,
+                 "optimized_metric=retention.knowledge_retention.after"]) == 2
+    assert "optimized_metric" in capsys.readouterr().err
+    assert read_metrics(run / "metrics.json")["status"] == "failed"
+
+
+def test_failed_job_does_not_stop_the_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    code = main(["train", "-m", "method=loreft,lora", "method.rank=2,100", f"hydra.sweep.dir={sweep}", "logger=none", *SMALL])
+    assert code == 1
+    statuses = sorted((m["method"], m["status"]) for m in _metrics(sweep))
+    # rank 100 > hidden size 64 fails for loreft only; lora accepts any rank
+    assert statuses == [("lora", "ok"), ("lora", "ok"), ("loreft", "failed"), ("loreft", "ok")]
+
+
+def test_seeded_runs_are_deterministic(tmp_path):
+    numbers = []
+    for name in ("a", "b"):
+        assert main(["train", f"hydra.run.dir={tmp_path / name}", "logger=none", *SMALL]) == 0
+        m = read_metrics(tmp_path / name / "metrics.json")
+        numbers.append((m["final_loss"], m["task_after"], m["retention"]["kl_drift"]["after"]))
+    assert numbers[0] == numbers[1]
