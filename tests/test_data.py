@@ -1,0 +1,35 @@
+"""Shipped data is reproducible and disjoint; scorers and format detectors."""
+
+from reft_lab.data import generate
+from reft_lab.data.tasks import Example, TaskConfig, load_task, looks_like_bare_number, looks_like_json, score_arithmetic, score_json_answer, read_retention
+
+
+def test_shipped_files_match_the_generator():
+    assert generate.main(["--check"]) == 0
+
+
+def test_splits_and_retention_sets_are_disjoint():
+    files = generate.build()  # raises if any two files share a prompt
+    assert len(files["retention/knowledge_probe.jsonl"]) >= 200
+    probe = {r["question"] for r in read_retention("knowledge_probe")}
+    for name in ("json_answer", "arithmetic"):
+        task = load_task(TaskConfig(name=name))
+        assert not probe & {e.prompt for e in task.train + task.test}
+        assert not {e.prompt for e in task.train} & {e.prompt for e in task.test}
+
+
+def test_json_answer_scorer():
+    ex = Example("What is the capital of France?", '{"answer": "Paris"}', ["Paris"])
+    assert score_json_answer('{"answer": "Paris"}', ex)["json_answer_correct"] == 1.0
+    assert score_json_answer('{"answer": "paris."}', ex)["json_answer_correct"] == 1.0
+    assert score_json_answer('{"answer": "Lyon"}', ex) == {"json_valid": 1.0, "answer_match": 0.0, "json_answer_correct": 0.0}
+    assert score_json_answer("The capital is Paris.", ex)["json_valid"] == 0.0
+    assert score_json_answer('{"answer": "Paris", "why": "x"}', ex)["json_valid"] == 0.0
+
+
+def test_arithmetic_scorer_and_formats():
+    ex = Example("What is 2 + 3?", "5", ["5"])
+    assert score_arithmetic("5", ex) == {"exact_match": 1.0, "number_match": 1.0}
+    assert score_arithmetic("The answer is 5.", ex) == {"exact_match": 0.0, "number_match": 1.0}
+    assert looks_like_json(' {"answer"') and not looks_like_json("Sure: {")
+    assert looks_like_bare_number(" -12 ") and not looks_like_bare_number("12 apples")
