@@ -16,11 +16,13 @@ commands:
   train  [overrides] [-m]   train and evaluate one job, or a multirun sweep (Hydra)
   params [overrides]        parameter accounting as JSON (works on meta-device configs)
   report <dir> [<dir>...]   gather metrics.json files into report.md, report.csv, pareto.png
+  generate --adapter DIR PROMPT...   greedy answers of a saved adapter on its base model
 
 examples:
   reft-lab train -m experiment=quickstart
   reft-lab params method=loreft method.rank=8 model.name_or_path=path/to/config-only-dir
   reft-lab report multirun/quickstart
+  reft-lab generate --adapter outputs/.../adapter "What is the capital of Peru?"
 """
 
 
@@ -53,7 +55,31 @@ def report_command(args: list[str]) -> int:
     return report_main(args)
 
 
-COMMANDS = {"train": train_command, "params": params_command, "report": report_command}
+def generate_command(args: list[str]) -> int:
+    import argparse
+
+    from reft_lab.adapters import load_adapter, read_adapter_config
+    from reft_lab.data.batching import PromptEncoder
+    from reft_lab.evaluation.generation import generate
+    from reft_lab.models import ModelConfig, load_model
+
+    parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of a saved adapter.")
+    parser.add_argument("--adapter", required=True, help="directory written by a training job (…/adapter)")
+    parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("prompts", nargs="+")
+    opts = parser.parse_args(args)
+    recorded = read_adapter_config(opts.adapter)
+    loaded = load_model(ModelConfig(name_or_path=opts.model or recorded["base"]["name_or_path"]))
+    tuned = load_adapter(loaded.model, opts.adapter, base_name=loaded.name)
+    encoder = PromptEncoder(loaded.tokenizer)
+    outputs = generate(tuned, encoder, [encoder.prompt_ids(p) for p in opts.prompts], opts.max_new_tokens, 8, "generate")
+    for prompt, ids in zip(opts.prompts, outputs):
+        print(json.dumps({"prompt": prompt, "output": encoder.decode(ids)}, ensure_ascii=False))
+    return 0
+
+
+COMMANDS = {"train": train_command, "params": params_command, "report": report_command, "generate": generate_command}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[command](args)
     except ReftLabError as err:
-        print(f"reft-lab {command}: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [type(err).__name__]:
+            print(f"reft-lab {command}: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -8,15 +8,17 @@ jobs go on and the sweep exits non-zero at the end.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
 import random
 import resource
+import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 from reft_lab import __version__
 from reft_lab.accounting import fingerprint, param_report
 from reft_lab.adapters import save_adapter
+from reft_lab.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from reft_lab.config import build_section
 from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples
 from reft_lab.data.tasks import TaskConfig, load_task
@@ -39,6 +42,7 @@ from reft_lab.methods import MethodConfig, TunedModel, attach, method_config
 from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
+from reft_lab.models.loading import model_config_only
 
 
 @dataclass(kw_only=True)
@@ -53,8 +57,15 @@ class TrainerConfig:
     bf16: bool = True
     eval_batch_size: int = 32
     log_every: int = 1
+    checkpoint_every: int = 25  # steps between checkpoints; 0 = only on SIGTERM/SIGINT
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = True  # continue from the job directory's newest complete checkpoint
 
     def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise config_error("trainer.checkpoint_every", self.checkpoint_every, "an integer ≥ 0 (0 = only on SIGTERM/SIGINT)")
+        if self.keep_checkpoints < 1:
+            raise config_error("trainer.keep_checkpoints", self.keep_checkpoints, "an integer ≥ 1")
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, key) < 1:
                 raise config_error(f"trainer.{key}", getattr(self, key), "an integer ≥ 1")
@@ -83,7 +94,7 @@ class RunSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RunSettings":
-        known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric"}
+        known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric", "skip_completed"}
         unknown = sorted(set(cfg.keys()) - known - {"experiment", "hparams_search"})
         if unknown:
             raise ConfigError(f"{unknown[0]} is not a known top-level key: allowed are {', '.join(sorted(known))}")
@@ -97,16 +108,30 @@ class RunSettings:
         if metric.startswith("retention.") and lookup({"retention": {m: {"before": 0, "after": 0} for m in
                                                       ("knowledge_accuracy", "knowledge_retention", "kl_drift", "leakage")}}, metric) is None:
             raise config_error("optimized_metric", metric, "retention.<knowledge_accuracy|knowledge_retention|kl_drift|leakage>.<before|after>")
-        return cls(
-            model=build_section(ModelConfig, cfg.model, "model"),
-            method=method_config(cfg.method),
-            task=build_section(TaskConfig, cfg.task, "task"),
-            trainer=build_section(TrainerConfig, cfg.trainer, "trainer"),
-            logger=build_section(LoggerConfig, cfg.logger, "logger"),
-            retention=build_section(EvalConfig, cfg.retention, "retention"),
-            seed=seed,
-            optimized_metric=metric,
-        )
+        sections, problems = {}, []
+        for name, build in (("model", lambda: build_section(ModelConfig, cfg.model, "model")),
+                            ("method", lambda: method_config(cfg.method)),
+                            ("task", lambda: build_section(TaskConfig, cfg.task, "task")),
+                            ("trainer", lambda: build_section(TrainerConfig, cfg.trainer, "trainer")),
+                            ("logger", lambda: build_section(LoggerConfig, cfg.logger, "logger")),
+                            ("retention", lambda: build_section(EvalConfig, cfg.retention, "retention"))):
+            try:
+                sections[name] = build()
+            except ConfigError as err:
+                problems.append(str(err))
+        if problems:
+            raise ConfigError("\n".join(problems))
+        return cls(**sections, seed=seed, optimized_metric=metric)
+
+    def preflight(self) -> None:
+        """Attach the method to a meta-device copy built from the model's config alone: layer
+        indices, rank and target modules are checked in seconds, before any weights load."""
+        config = model_config_only(self.model)
+        if config is not None:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                attach(AutoModelForCausalLM.from_config(config), self.method)
 
 
 def build_optimizer(tuned: TunedModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -144,13 +169,29 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def batch_stream(data: list[EncodedExample], batch_size: int, pad_id: int, seed: int) -> Iterator[TrainBatch]:
-    """Endless batches; each epoch is a fresh permutation from a seeded generator."""
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(data), generator=generator).tolist()
-        for i in range(0, len(order), batch_size):
-            yield collate_train([data[j] for j in order[i: i + batch_size]], pad_id)
+class BatchStream:
+    """Endless batches. Epoch e is the permutation drawn from seed (seed, e), so the position
+    (epoch, offset) is all a checkpoint needs to continue the same order."""
+
+    def __init__(self, data: list[EncodedExample], batch_size: int, pad_id: int, seed: int, epoch: int = 0, offset: int = 0):
+        self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.epoch, self.offset, self._order = epoch, offset, None
+
+    def order(self) -> list[int]:
+        if self._order is None or self._order[0] != self.epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            self._order = (self.epoch, torch.randperm(len(self.data), generator=generator).tolist())
+        return self._order[1]
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        return self
+
+    def __next__(self) -> TrainBatch:
+        if self.offset >= len(self.data):
+            self.epoch, self.offset = self.epoch + 1, 0
+        chunk = self.order()[self.offset: self.offset + self.batch_size]
+        self.offset += len(chunk)
+        return collate_train([self.data[j] for j in chunk], self.pad_id)
 
 
 def response_loss(tuned: TunedModel, batch: TrainBatch) -> torch.Tensor:
@@ -171,7 +212,40 @@ class TrainStats:
     tokens_per_s: float | None = None
 
 
-def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, pad_id: int, logger) -> TrainStats:
+class Interrupted(ReftLabError):
+    """SIGTERM/SIGINT during training: a checkpoint was written; re-running the job resumes."""
+
+
+@contextmanager
+def stop_signals():
+    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and stops."""
+    received: list[int] = []
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def config_fingerprint(settings: RunSettings) -> str:
+    """What a checkpoint must match to be resumed (not logging or checkpoint cadence)."""
+    trainer = {k: v for k, v in asdict(settings.trainer).items()
+               if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "eval_batch_size")}
+    payload = {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
+               "trainer": trainer, "seed": settings.seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, pad_id: int, logger,
+          job_dir: Path | None = None) -> TrainStats:
+    """The loop. With ``job_dir`` it checkpoints every ``trainer.checkpoint_every`` steps and on
+    SIGTERM/SIGINT, and resumes from the newest complete checkpoint there."""
     t = settings.trainer
     params = list(tuned.trainable_state().values())
     lr = t.lr if t.lr is not None else settings.method.lr
@@ -180,35 +254,57 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     device = params[0].device
     optimizer = build_optimizer(tuned, lr, t.weight_decay)
     scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_ratio)
-    stream = batch_stream(data, t.batch_size, pad_id, settings.seed)
+    fingerprint_cfg = config_fingerprint(settings)
+    progress = Progress()
+    latest = latest_checkpoint(job_dir) if job_dir is not None and t.resume else None
+    if latest is not None:
+        progress = load_checkpoint(latest, tuned, optimizer, scheduler, fingerprint_cfg)
+        print(f"reft-lab: resuming from {latest} (step {progress.step})")
+    stream = BatchStream(data, t.batch_size, pad_id, settings.seed, progress.epoch, progress.offset)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
-    stats, tokens = TrainStats(), 0
+
+    def checkpoint() -> None:
+        if job_dir is not None:
+            progress.epoch, progress.offset = stream.epoch, stream.offset
+            save_checkpoint(job_dir, tuned, optimizer, scheduler, progress, fingerprint_cfg, t.keep_checkpoints)
+
     tuned.train()
-    start = time.perf_counter()
-    bar = tqdm(range(t.max_steps), desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True)
-    for step in bar:
-        step_loss = 0.0
-        for _ in range(t.grad_accum):
-            batch = next(stream).to(device)
-            with autocast:
-                loss = response_loss(tuned, batch) / t.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-            tokens += batch.n_tokens
-        if not math.isfinite(step_loss):
-            raise ReftLabError(f"loss is {step_loss} at step {step + 1}: training stopped (lower trainer.lr or check the data)")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - start
-        stats = TrainStats(step + 1, step_loss, elapsed, tokens / elapsed)
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{stats.tokens_per_s:.0f}")
-        if (step + 1) % t.log_every == 0:
-            logger.log(step + 1, {"loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                                  "grad_norm": float(grad_norm), "tokens_per_s": stats.tokens_per_s})
+    start = time.perf_counter() - progress.elapsed_s
+    bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
+               desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True)
+    with stop_signals() as received:
+        for step in bar:
+            step_loss = 0.0
+            for _ in range(t.grad_accum):
+                batch = next(stream).to(device)
+                with autocast:
+                    loss = response_loss(tuned, batch) / t.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+                progress.tokens += batch.n_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
+                kept = f"the last good checkpoint is step {progress.step}" if progress.step and job_dir else "no checkpoint was written"
+                raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step, progress.last_loss = step + 1, step_loss
+            progress.elapsed_s = time.perf_counter() - start
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{progress.tokens / progress.elapsed_s:.0f}")
+            if progress.step % t.log_every == 0:
+                logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                           "tokens_per_s": progress.tokens / progress.elapsed_s})
+            if received:
+                checkpoint()
+                name = signal.Signals(received[0]).name
+                raise Interrupted(f"interrupted by {name} at step {progress.step}: checkpoint saved; re-run the same job directory to resume")
+            if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
+                checkpoint()
     tuned.eval()
-    return stats
+    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s,
+                      progress.tokens / progress.elapsed_s if progress.elapsed_s else None)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -228,6 +324,7 @@ def versions() -> dict:
 def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
     """One job; returns its metrics (already on disk). Raises on failure (the caller records it)."""
     settings = RunSettings.from_cfg(cfg)
+    settings.preflight()
     config = OmegaConf.to_container(cfg, resolve=True)
     seed_everything(settings.seed)
     task = load_task(settings.task, settings.seed)  # data errors surface before the model loads
@@ -246,7 +343,7 @@ def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
     name = out.name
     logger = make_logger(settings.logger, out, name, group, [settings.method.name, task.name, f"seed{settings.seed}"], config)
     try:
-        stats = train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, logger)
+        stats = train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, logger, job_dir=out)
         after = evaluate_tuned(tuned, suite, base_results, base_lp)
         save_adapter(tuned, out / "adapter")
         params = param_report(tuned)
@@ -298,6 +395,25 @@ def failed_metrics(cfg: DictConfig, out: Path, err: BaseException) -> dict:
 FAILED_JOBS: list[str] = []
 
 
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out} is not writable ({err.strerror}): set hydra.run.dir / hydra.sweep.dir") from err
+
+
+def _completed(out: Path) -> dict | None:
+    path = out / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return metrics if metrics and metrics.get("status") == "ok" else None
+
+
 def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -306,12 +422,19 @@ def _hydra_main(cfg: DictConfig) -> float:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     group = Path(hc.sweep.dir).name if multirun else "single"
+    done = _completed(out) if cfg.get("skip_completed", True) else None
+    if done is not None:
+        print(f"reft-lab train: {out} already has an ok metrics.json: skipped (skip_completed=false re-runs it)")
+        return float(lookup(done, cfg.optimized_metric) if lookup(done, cfg.optimized_metric) is not None else "nan")
     try:
+        _check_writable(out)
         metrics = run_job(cfg, out, group)
     except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
-        failed = failed_metrics(cfg, out, err)
+        failed = failed_metrics(cfg, out, err) if out.is_dir() else {"error": str(err)}
         FAILED_JOBS.append(f"{out}: {failed['error']}")
         print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
+        if isinstance(err, Interrupted):
+            raise SystemExit(128 + (signal.SIGINT if "SIGINT" in str(err) else signal.SIGTERM)) from None
         if multirun:
             return float("nan")  # sweepers count NaN as a failed trial
         if isinstance(err, ReftLabError):
@@ -330,7 +453,8 @@ def run_hydra(args: list[str]) -> int:
         # a single run is validated before Hydra makes its output directory: one line per mistake
         from reft_lab.config import compose
 
-        RunSettings.from_cfg(compose([a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]))
+        settings = RunSettings.from_cfg(compose([a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]))
+        settings.preflight()
     main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_hydra_main)
     argv = sys.argv
     sys.argv = ["reft-lab train", *args]

@@ -110,6 +110,25 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     return LoadedModel(model.to(device).eval(), tokenizer, name)
 
 
+def model_config_only(cfg: ModelConfig):
+    """The model's transformers config without loading weights, or None where that would need a
+    download or a conversion (the model load then validates)."""
+    name = str(cfg.name_or_path)
+    try:
+        if name.startswith("tiny:"):
+            arch = name.removeprefix("tiny:")
+            return TINY_ARCHITECTURES[arch]() if arch in TINY_ARCHITECTURES else None
+        if name.startswith("embedded:"):
+            path = cache_dir() / "models" / name.removeprefix("embedded:")
+            return AutoConfig.from_pretrained(path) if (path / "config.json").exists() else None
+        path = Path(name).expanduser()
+        if path.is_dir():
+            return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
 def _has_only_config(path: Path) -> bool:
     weights = [p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pt", ".gguf"}]
     return (path / "config.json").exists() and not weights
