@@ -17,6 +17,11 @@ from reft_lab.errors import ConfigError
 
 T = TypeVar("T")
 
+# ${digest:<text>}: a short stable name, e.g. a search trial's directory from its overrides
+OmegaConf.register_new_resolver(
+    "digest", lambda text: __import__("hashlib").sha256(str(text).encode()).hexdigest()[:12], replace=True
+)
+
 
 def plain(value: Any) -> Any:
     if isinstance(value, (DictConfig, ListConfig)):
@@ -72,7 +77,7 @@ def conf_dir():
     return Path(__file__).resolve().parent.parent / "conf"
 
 
-def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+def compose(overrides: list[str], config_name: str = "train", with_hydra: bool = False) -> DictConfig:
     """Compose the Hydra config the way ``reft-lab train`` would, for commands that run no job."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -81,7 +86,7 @@ def compose(overrides: list[str], config_name: str = "train") -> DictConfig:
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         lines = [line for line in lines if not line.startswith(("Config search path", "provider="))]

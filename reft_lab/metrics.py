@@ -41,6 +41,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "peak_mem_bytes": ((int,), True, "peak CUDA memory, or the process's peak RSS on CPU"),
     "final_loss": (NUM + (type(None),), False, "mean loss of the last logged step"),
     "steps": ((int,), True, "optimizer steps taken"),
+    "torch_threads": ((int,), True, "torch intra-op threads the job used"),
     "base_fingerprint_before": ((str, type(None)), True, "SHA-256 of base parameters/buffers before"),
     "base_fingerprint_after": ((str, type(None)), True, "... and after training"),
     "versions": ((dict,), True, "package versions"),

@@ -36,16 +36,36 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8:
        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
+def t95(df: float) -> float:
+    """Two-sided 95% Student t quantile, rounding df down (conservative)."""
+    below = [k for k in sorted(T95) if k <= max(1, math.floor(df))]
+    return 1.96 if df > 30 else T95[below[-1]]
+
+
+def _var(values: list[float], mean: float) -> float:
+    return sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
 def mean_ci(values: list[float]) -> tuple[float, float | None]:
     """Mean and the half-width of its 95% t confidence interval (None for n < 2)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
         return mean, None
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    df = n - 1
-    t = T95.get(df) or next((T95[k] for k in sorted(T95) if k >= df), 1.96)
-    return mean, t * sd / math.sqrt(n)
+    return mean, t95(n - 1) * math.sqrt(_var(values, mean) / n)
+
+
+def differs(a: list[float], b: list[float]) -> bool | None:
+    """Welch's 95% interval for mean(a) − mean(b) excludes 0; None when either has n < 2."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va, vb = _var(a, ma) / len(a), _var(b, mb) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ma != mb
+    df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0) + (vb ** 2 / (len(b) - 1) if vb else 0) or 1e-300)
+    return abs(ma - mb) > t95(df) * se
 
 
 def gather(dirs: list[Path]) -> tuple[list[dict], list[str]]:
@@ -80,15 +100,36 @@ def group(rows: list[dict]) -> list[dict]:
     groups = []
     for members in buckets.values():
         first = members[0]
-        stats = {}
+        stats, values = {}, {}
         for key, _ in SUMMARY:
-            values = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
-            stats[key] = mean_ci(values) if values else (None, None)
+            values[key] = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
+            stats[key] = mean_ci(values[key]) if values[key] else (None, None)
         groups.append({"method": first["method"], "task": first["task"], "model": first["model"], "n": len(members),
                        "trainable_params": first["trainable_params"], "trainable_pct": first["trainable_pct"],
-                       "adapter_bytes": first["adapter_bytes"], "config": first.get("config") or {}, "stats": stats})
+                       "adapter_bytes": first["adapter_bytes"], "config": first.get("config") or {}, "stats": stats,
+                       "values": values})
     _label(groups)
+    _compare_to_best(groups)
     return sorted(groups, key=lambda g: (g["task"], g["model"], g["label"]))
+
+
+def _compare_to_best(groups: list[dict]) -> None:
+    """Mark each group against the best task gain of its task and model: best, lower (Welch 95%),
+    n.s. (the difference is not significant), or — (fewer than 2 seeds on either side)."""
+    by_setting = defaultdict(list)
+    for g in groups:
+        by_setting[(g["task"], g["model"])].append(g)
+    for same in by_setting.values():
+        ranked = [g for g in same if g["stats"]["task_gain"][0] is not None]
+        if not ranked:
+            continue
+        best = max(ranked, key=lambda g: g["stats"]["task_gain"][0])
+        for g in same:
+            if g is best:
+                g["vs_best"] = "best"
+                continue
+            verdict = differs(best["values"]["task_gain"], g["values"]["task_gain"])
+            g["vs_best"] = "—" if verdict is None else ("lower" if verdict else "n.s.")
 
 
 def _label(groups: list[dict]) -> None:
@@ -112,17 +153,20 @@ def _fmt(value, ci=None, digits=3) -> str:
 
 
 def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
-    head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in SUMMARY]
+    head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in SUMMARY] + ["gain vs best"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
-                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in SUMMARY]
+                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in SUMMARY] + [g.get("vs_best", "—")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "# reft_lab report\n\n" + "\n".join(lines) + "\n"
     text += ("\nMeans over seeds ± 95% t-interval half-width (shown when n ≥ 2). Task gain = task after − task "
              "before on the held-out test split; knowledge retention = share of probe questions the base answers "
              "correctly that the tuned model still answers; KL drift = mean per-token KL(base ‖ tuned); leakage = "
-             "share of off-task prompts answered in the task's format.\n")
+             "share of off-task prompts answered in the task's format. Gain vs best: the group with the highest mean "
+             "task gain of its task and model is `best`; another group is `lower` when Welch's 95% interval for the "
+             "difference excludes 0, `n.s.` when it does not (not a real difference at this n), `—` with fewer than "
+             "2 seeds on either side.\n")
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed or missing:
         text += "\n## Failed or missing jobs\n\n"
@@ -175,16 +219,63 @@ def pareto_plot(path: Path, groups: list[dict]) -> None:
     plt.close(fig)
 
 
+SWEEP_KEYS = ("rank", "layers", "positions", "alpha", "lr", "tied")
+
+
+def sweep_plots(out: Path, groups: list[dict]) -> list[Path]:
+    """Task gain and knowledge retention against the one method key a sweep varied (rank, layers, …)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_method = defaultdict(list)
+    for g in groups:
+        by_method[(g["task"], g["model"], g["method"])].append(g)
+    written = []
+    for (task, _, method), same in sorted(by_method.items()):
+        if len(same) < 2:
+            continue
+        settings = [g["config"].get("method") or {} for g in same]
+        varying = [k for k in SWEEP_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
+        if len(varying) != 1:
+            continue
+        key = varying[0]
+        xs = [s.get(key) for s in settings]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        order = sorted(range(len(same)), key=lambda i: xs[i] if numeric else str(xs[i]))
+        positions = [xs[i] for i in order] if numeric else list(range(len(order)))
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+        for metric, name in (("task_gain", "task gain"), ("retention.knowledge_retention.after", "knowledge retention")):
+            means = [same[i]["stats"][metric][0] for i in order]
+            cis = [same[i]["stats"][metric][1] or 0 for i in order]
+            if any(m is None for m in means):
+                continue
+            ax.errorbar(positions, means, yerr=cis, marker="o", capsize=3, label=name)
+        if not numeric:
+            ax.set_xticks(positions, [str(xs[i]) for i in order], rotation=20, fontsize=8)
+        ax.set_xlabel(f"method.{key}")
+        ax.set_title(f"{method} on {task}: sweep over {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"sweep_{task}_{method}_{key}.png"
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def print_table(groups: list[dict], rows: list[dict], missing: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="reft_lab report")
-    for name in ["method", "task", "n", "trainable", "% base"] + [n for _, n in SUMMARY]:
+    for name in ["method", "task", "n", "trainable", "% base"] + [n for _, n in SUMMARY] + ["vs best"]:
         table.add_column(name, justify="left" if name in ("method", "task") else "right")
     for g in groups:
         table.add_row(g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
-                      *[_fmt(*g["stats"][key]) for key, _ in SUMMARY])
+                      *[_fmt(*g["stats"][key]) for key, _ in SUMMARY], g.get("vs_best", "—"))
     console = Console(width=160)
     console.print(table)
     for r in rows:
@@ -207,7 +298,8 @@ def report_main(args: list[str]) -> int:
     atomic_write_text(out / "report.md", markdown(groups, rows, missing))
     write_csv(out / "report.csv", rows)
     pareto_plot(out / "pareto.png", groups)
+    extra = sweep_plots(out, groups)
     print_table(groups, rows, missing)
-    print(f"wrote {out / 'report.md'}, {out / 'report.csv'}, {out / 'pareto.png'}")
+    print(f"wrote {', '.join(str(p) for p in [out / 'report.md', out / 'report.csv', out / 'pareto.png', *extra])}")
     failed = sum(r.get("status") != "ok" for r in rows) + len(missing)
     return 1 if failed else 0

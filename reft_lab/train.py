@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import resource
 import signal
 import sys
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -94,7 +96,7 @@ class RunSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RunSettings":
-        known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric", "skip_completed"}
+        known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric", "skip_completed", "threads"}
         unknown = sorted(set(cfg.keys()) - known - {"experiment", "hparams_search"})
         if unknown:
             raise ConfigError(f"{unknown[0]} is not a known top-level key: allowed are {', '.join(sorted(known))}")
@@ -212,22 +214,30 @@ class TrainStats:
     tokens_per_s: float | None = None
 
 
+class TrialFailed(ReftLabError):
+    """A search trial failed (recorded in its metrics.json); the sweeper marks the trial FAIL."""
+
+
 class Interrupted(ReftLabError):
     """SIGTERM/SIGINT during training: a checkpoint was written; re-running the job resumes."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # USR2: SLURM's pre-timeout/preemption signal
+
+
 @contextmanager
 def stop_signals():
-    """Record SIGTERM/SIGINT instead of dying mid-step; the loop checkpoints and stops."""
+    """Record stop signals instead of dying mid-step; the loop checkpoints, then hands the signal to
+    whoever handled it before (submitit requeues the job on SIGUSR2) or stops the job."""
     received: list[int] = []
     previous = {}
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         try:
             previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
         except ValueError:  # not the main thread: leave signals alone
             pass
     try:
-        yield received
+        yield received, previous
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -272,7 +282,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     start = time.perf_counter() - progress.elapsed_s
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True)
-    with stop_signals() as received:
+    with stop_signals() as (received, previous):
         for step in bar:
             step_loss = 0.0
             for _ in range(t.grad_accum):
@@ -298,6 +308,9 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
                                            "tokens_per_s": progress.tokens / progress.elapsed_s})
             if received:
                 checkpoint()
+                handler = previous.get(received[0])
+                if callable(handler) and handler is not signal.default_int_handler:
+                    handler(received[0], None)  # e.g. submitit: requeue from this checkpoint
                 name = signal.Signals(received[0]).name
                 raise Interrupted(f"interrupted by {name} at step {progress.step}: checkpoint saved; re-run the same job directory to resume")
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
@@ -355,7 +368,7 @@ def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
             "task_scores": {"before": base_results.task_scores, "after": after["task_scores"]},
             "retention": after["retention"], "train_wall_s": stats.wall_s, "tokens_per_s": stats.tokens_per_s,
             "peak_mem_bytes": peak_memory_bytes(next(tuned.parameters()).device), "final_loss": stats.final_loss,
-            "steps": stats.steps, "base_fingerprint_before": fingerprint_before,
+            "steps": stats.steps, "torch_threads": torch.get_num_threads(), "base_fingerprint_before": fingerprint_before,
             "base_fingerprint_after": fingerprint(tuned.base_model), "versions": versions(), "config": config,
             "output_dir": str(out), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -392,7 +405,7 @@ def failed_metrics(cfg: DictConfig, out: Path, err: BaseException) -> dict:
 
 # --- Hydra entry -----------------------------------------------------------------------------
 
-FAILED_JOBS: list[str] = []
+FAILURE_LOG_ENV = "REFT_LAB_FAILURE_LOG"
 
 
 def _check_writable(out: Path) -> None:
@@ -414,6 +427,30 @@ def _completed(out: Path) -> dict | None:
     return metrics if metrics and metrics.get("status") == "ok" else None
 
 
+def threads_per_job(hc, requested: int | None) -> int:
+    """torch threads for one job, so parallel jobs never oversubscribe the cores: ``threads`` if
+    set; joblib: cores ÷ n_jobs (2 cores, n_jobs=2 → 1 each); submitit (local or SLURM, which start
+    every job at once): the launcher's cpus_per_task, else 1; the basic launcher: every core."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    target = str(hc.launcher.get("_target_", "")).lower()
+    if "submitit" in target:
+        return int(hc.launcher.get("cpus_per_task") or 1)
+    if "joblib" in target:
+        n_jobs = hc.launcher.get("n_jobs") or -1
+        return max(1, cores // (cores if n_jobs < 0 else n_jobs))
+    return cores
+
+
+def _record_failure(line: str) -> None:
+    """Failures of jobs in other processes (joblib, submitit) reach the sweep through this file."""
+    log_path = os.environ.get(FAILURE_LOG_ENV)
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line.replace("\n", " ") + "\n")
+
+
 def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -421,6 +458,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    torch.set_num_threads(threads_per_job(hc, cfg.get("threads")))
     group = Path(hc.sweep.dir).name if multirun else "single"
     done = _completed(out) if cfg.get("skip_completed", True) else None
     if done is not None:
@@ -431,12 +469,14 @@ def _hydra_main(cfg: DictConfig) -> float:
         metrics = run_job(cfg, out, group)
     except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
         failed = failed_metrics(cfg, out, err) if out.is_dir() else {"error": str(err)}
-        FAILED_JOBS.append(f"{out}: {failed['error']}")
+        _record_failure(f"{out}: {failed['error']}")
         print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
         if isinstance(err, Interrupted):
             raise SystemExit(128 + (signal.SIGINT if "SIGINT" in str(err) else signal.SIGTERM)) from None
+        if multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+            raise TrialFailed(failed["error"]) from None  # the optuna sweeper records a FAIL trial
         if multirun:
-            return float("nan")  # sweepers count NaN as a failed trial
+            return float("nan")
         if isinstance(err, ReftLabError):
             raise SystemExit(2) from None
         raise
@@ -444,11 +484,62 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def run_hydra(args: list[str]) -> int:
+    """Run ``reft-lab train`` with Hydra; 0 when every job succeeded, else non-zero."""
+    failure_log = tempfile.NamedTemporaryFile(prefix="reft_lab_failures_", suffix=".log", delete=False)
+    failure_log.close()
+    os.environ[FAILURE_LOG_ENV] = failure_log.name
+    try:
+        return _run_hydra(args, failure_log.name)
+    finally:
+        os.environ.pop(FAILURE_LOG_ENV, None)
+        os.unlink(failure_log.name)
+
+
+def resume_search(args: list[str]) -> list[str] | None:
+    """For an optuna search with sqlite storage: create the storage's folder, and run only the
+    trials the study still lacks (``hydra.sweeper.n_trials`` is the study's total). None when the
+    study is already complete."""
+    from reft_lab.config import compose
+
+    if not any(a.startswith(("hparams_search=", "hydra/sweeper=")) for a in args):
+        return args
+    try:
+        cfg = compose([a for a in args if not a.startswith("-")], with_hydra=True)
+    except ConfigError:
+        return args  # Hydra reports the problem itself
+    sweeper = cfg.hydra.sweeper
+    storage = str(sweeper.get("storage") or "")
+    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not storage.startswith("sqlite:///"):
+        return args
+    Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+    except KeyError:
+        return args  # a new study
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    finished = sum(t.state in done_states for t in study.trials)
+    remaining = int(sweeper.n_trials) - finished
+    if remaining <= 0:
+        print(f"reft-lab train: study {sweeper.study_name!r} already has {finished} finished trials (n_trials={sweeper.n_trials})")
+        return None
+    print(f"reft-lab train: resuming study {sweeper.study_name!r}: {finished} trials finished, {remaining} to go")
+    # a re-seeded sampler would repeat its first suggestions: offset the seed by the trials done
+    seed = int(OmegaConf.select(cfg, "hydra.sweeper.sampler.seed", default=0) or 0) + finished
+    return [*args, f"hydra.sweeper.n_trials={remaining}", f"hydra.sweeper.sampler.seed={seed}"]
+
+
+def _run_hydra(args: list[str], failure_log: str) -> int:
     import hydra
 
     from reft_lab.config import conf_dir
 
-    FAILED_JOBS.clear()
+    args = resume_search(args)
+    if args is None:
+        return 0
+
     if not {"-m", "--multirun"} & set(args):
         # a single run is validated before Hydra makes its output directory: one line per mistake
         from reft_lab.config import compose
@@ -465,8 +556,9 @@ def run_hydra(args: list[str]) -> int:
             return exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
-    if FAILED_JOBS:
-        print(f"reft-lab train: {len(FAILED_JOBS)} job(s) failed:\n  " + "\n  ".join(FAILED_JOBS), file=sys.stderr)
+    failures = [line for line in Path(failure_log).read_text(encoding="utf-8").splitlines() if line]
+    if failures:
+        print(f"reft-lab train: {len(failures)} job(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,7 @@ Custom: ``jsonl`` (local files) and ``hf`` (a Hugging Face dataset), scored by `
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class TaskConfig:
             raise config_error("task.max_new_tokens", self.max_new_tokens, "an integer ≥ 1")
         if self.name == "jsonl" and not self.path:
             raise config_error("task.path", self.path, "the path of a JSONL file with prompt/response fields")
+        for key in ("path", "test_path"):
+            value = getattr(self, key)
+            if self.name == "jsonl" and value and not (Path(value).expanduser().is_file() and os.access(Path(value).expanduser(), os.R_OK)):
+                raise config_error(f"task.{key}", value, "a readable JSONL file (this one does not exist or cannot be read)")
         if self.name == "hf" and not self.dataset:
             raise config_error("task.dataset", self.dataset, "a Hugging Face dataset name")
         if not 0 < self.test_fraction < 1:

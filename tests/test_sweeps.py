@@ -1,0 +1,148 @@
+"""Launchers, resumable search, resume-skip, failure isolation and report statistics (tiny models)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reft_lab.cli import main
+from reft_lab.config import compose
+from reft_lab.metrics import SCHEMA, read_metrics, validate, write_metrics
+from reft_lab.report import group
+
+SMALL = ["model=tiny", "trainer=smoke", "retention.knowledge_probe=4", "retention.kl_prompts=2",
+         "retention.leakage_prompts=2", "retention.kl_tokens=4", "task.test_size=4", "logger=none"]
+
+
+def _jobs(root: Path) -> list[dict]:
+    return [read_metrics(p) for p in sorted(root.rglob("metrics.json"))]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def test_joblib_runs_jobs_in_parallel_without_oversubscribing(tmp_path):
+    sweep = tmp_path / "joblib"
+    assert main(["train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "method=loreft,lora",
+                 f"hydra.sweep.dir={sweep}", *SMALL]) == 0
+    jobs = _jobs(sweep)
+    assert [j["status"] for j in jobs] == ["ok", "ok"]
+    assert {j["torch_threads"] for j in jobs} == {max(1, _cores() // 2)}
+
+
+def test_submitit_local_runs_jobs(tmp_path):
+    sweep = tmp_path / "submitit"
+    assert main(["train", "-m", "hydra/launcher=submitit_local", "method=loreft,none", f"hydra.sweep.dir={sweep}", *SMALL]) == 0
+    jobs = _jobs(sweep)
+    assert [(j["method"], j["status"], j["torch_threads"]) for j in jobs] == [("loreft", "ok", 1), ("none", "ok", 1)]
+
+
+def test_slurm_config_reaches_the_launcher():
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu-long", "hydra.launcher.gpus_per_task=2",
+                   "hydra.launcher.timeout_min=90"], with_hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    from hydra.utils import instantiate
+
+    instance = instantiate(launcher)
+    params = instance.params
+    assert params["partition"] == "gpu-long" and params["gpus_per_task"] == 2 and params["timeout_min"] == 90
+    assert params["cpus_per_task"] == 8 and params["mem_gb"] == 32 and params["array_parallelism"] == 64
+    assert params["signal_delay_s"] == 120 and params["max_num_timeout"] == 3  # requeue on preemption
+
+
+def test_optuna_search_resumes_from_sqlite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=2", *SMALL]) == 0
+    assert main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=3", *SMALL]) == 0
+    assert "2 trials finished, 1 to go" in capsys.readouterr().out
+    assert main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=3", *SMALL]) == 0
+    assert "already has 3 finished trials" in capsys.readouterr().out
+
+    import optuna
+
+    study_dir = next((tmp_path / "multirun" / "search").iterdir())
+    study = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert len(list(study_dir.glob("trial_*/metrics.json"))) == 3  # three distinct parameter sets
+
+
+def test_failed_search_trial_counts_as_failure(tmp_path, monkeypatch):
+    """A trial whose job fails returns NaN, which optuna records as FAIL, not as a result."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=1", *SMALL, "task=jsonl",
+                 f"task.path={tmp_path / 'missing.jsonl'}"])
+    assert code == 2  # validated before the search started: nothing ran
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(4)))
+    # the test split equals the training split: refused inside the job, so the trial fails
+    code = main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=1", *SMALL, "task=jsonl",
+                 f"task.path={few}", f"task.test_path={few}"])
+    assert code == 1
+    import optuna
+
+    study_dir = next((tmp_path / "multirun" / "search").iterdir())
+    study = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+
+
+def test_rerunning_a_sweep_skips_ok_jobs_and_retries_failed_ones(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "-m", "method=loreft,lora", f"hydra.sweep.dir={sweep}", *SMALL]
+    assert main(args) == 0
+    before = {p: p.read_text() for p in sweep.rglob("metrics.json")}
+    failed = next(iter(before))
+    metrics = json.loads(failed.read_text())
+    write_metrics(failed.parent, {**metrics, "status": "failed", "error": "simulated"})
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1
+    assert read_metrics(failed)["status"] == "ok"
+    unchanged = [p for p in before if p != failed]
+    assert all(p.read_text() == before[p] for p in unchanged)
+
+
+def _synthetic(tmp: Path, method: str, seed: int, gain: float, retention: float) -> None:
+    metrics = {key: 0 for key in SCHEMA}
+    metrics.update({
+        "status": "ok", "error": None, "method": method, "model": "m", "task": "t", "seed": seed,
+        "trainable_params": 10, "base_params": 100, "trainable_pct": 10.0, "adapter_bytes": 100, "task_metric": "x",
+        "task_before": 0.0, "task_after": gain, "task_gain": gain, "task_scores": {}, "tokens_per_s": 1.0,
+        "final_loss": 1.0, "base_fingerprint_before": "a", "base_fingerprint_after": "a", "versions": {},
+        "config": {"method": {"name": method}, "seed": seed}, "output_dir": str(tmp / f"{method}{seed}"),
+        "retention": {"knowledge_accuracy": {"before": 1.0, "after": 1.0},
+                      "knowledge_retention": {"before": 1.0, "after": retention},
+                      "kl_drift": {"before": 0.0, "after": 0.1}, "leakage": {"before": 0.0, "after": 0.0}},
+    })
+    metrics.pop("schema_version")
+    write_metrics(tmp / f"{method}{seed}", metrics)
+    assert validate(read_metrics(tmp / f"{method}{seed}" / "metrics.json")) == []
+
+
+def test_report_statistics_on_synthetic_metrics(tmp_path):
+    for seed, (a, b, c) in enumerate([(0.5, 0.55, 0.10), (0.6, 0.65, 0.12), (0.7, 0.60, 0.11)]):
+        _synthetic(tmp_path, "alpha", seed, a, 0.9)
+        _synthetic(tmp_path, "beta", seed, b, 0.8)
+        _synthetic(tmp_path, "gamma", seed, c, 0.7)
+    _synthetic(tmp_path, "delta", 0, 0.2, 0.5)
+    assert main(["report", str(tmp_path)]) == 0
+    groups = {g["method"]: g for g in group([read_metrics(p) for p in tmp_path.rglob("metrics.json")])}
+    mean, ci = groups["alpha"]["stats"]["task_gain"]
+    assert mean == pytest.approx(0.6) and ci == pytest.approx(4.303 * 0.1 / 3 ** 0.5, rel=1e-4)  # sd 0.1, n 3
+    assert groups["beta"]["stats"]["task_gain"][0] == pytest.approx(0.6)
+    assert groups["beta"]["n"] == 3 and groups["delta"]["n"] == 1
+    verdicts = {m: g["vs_best"] for m, g in groups.items()}
+    assert verdicts["gamma"] == "lower" and verdicts["delta"] == "—" and "best" in (verdicts["alpha"], verdicts["beta"])
+    assert "n.s." in (verdicts["alpha"], verdicts["beta"])
+    md = (tmp_path / "report.md").read_text()
+    assert "0.600 ± 0.248" in md and "n.s." in md and "lower" in md
+
+
+def test_report_plots_a_rank_sweep(tmp_path):
+    sweep = tmp_path / "ranks"
+    assert main(["train", "-m", "method.rank=1,2,4", f"hydra.sweep.dir={sweep}", *SMALL]) == 0
+    assert main(["report", str(sweep)]) == 0
+    assert (sweep / "sweep_json_answer_loreft_rank.png").stat().st_size > 1000
