@@ -42,6 +42,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "final_loss": (NUM + (type(None),), False, "mean loss of the last logged step"),
     "steps": ((int,), True, "optimizer steps taken"),
     "torch_threads": ((int,), True, "torch intra-op threads the job used"),
+    "world_size": ((int,), True, "processes that trained the job (torchrun DDP), 1 otherwise"),
     "base_fingerprint_before": ((str, type(None)), True, "SHA-256 of base parameters/buffers before"),
     "base_fingerprint_after": ((str, type(None)), True, "... and after training"),
     "versions": ((dict,), True, "package versions"),

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from reft_lab import __version__
+from reft_lab import __version__, distributed
 from reft_lab.accounting import fingerprint, param_report
 from reft_lab.adapters import save_adapter
 from reft_lab.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -39,7 +39,7 @@ from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, co
 from reft_lab.data.tasks import TaskConfig, load_task
 from reft_lab.errors import ConfigError, ReftLabError, config_error
 from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
-from reft_lab.loggers import LoggerConfig, make_logger
+from reft_lab.loggers import LoggerConfig, NullLogger, make_logger
 from reft_lab.methods import MethodConfig, TunedModel, attach, method_config
 from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import SCHEMA, lookup, write_metrics
@@ -175,9 +175,11 @@ class BatchStream:
     """Endless batches. Epoch e is the permutation drawn from seed (seed, e), so the position
     (epoch, offset) is all a checkpoint needs to continue the same order."""
 
-    def __init__(self, data: list[EncodedExample], batch_size: int, pad_id: int, seed: int, epoch: int = 0, offset: int = 0):
+    def __init__(self, data: list[EncodedExample], batch_size: int, pad_id: int, seed: int, epoch: int = 0,
+                 offset: int = 0, rank: int = 0, world: int = 1):
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
         self.epoch, self.offset, self._order = epoch, offset, None
+        self.rank, self.world = rank, world  # each process takes its slice of every global batch
 
     def order(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
@@ -189,14 +191,14 @@ class BatchStream:
         return self
 
     def __next__(self) -> TrainBatch:
-        if self.offset >= len(self.data):
+        if self.offset + self.world > len(self.data):  # every process needs at least one example
             self.epoch, self.offset = self.epoch + 1, 0
-        chunk = self.order()[self.offset: self.offset + self.batch_size]
+        chunk = self.order()[self.offset: self.offset + self.batch_size * self.world]
         self.offset += len(chunk)
-        return collate_train([self.data[j] for j in chunk], self.pad_id)
+        return collate_train([self.data[j] for j in chunk[self.rank:: self.world]], self.pad_id)
 
 
-def response_loss(tuned: TunedModel, batch: TrainBatch) -> torch.Tensor:
+def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """Mean cross-entropy over response tokens. Batches are left-padded, so every response ends at
     the last position and the LM head runs on the last R + 1 positions only."""
     keep = batch.labels.shape[1] + 1
@@ -253,9 +255,10 @@ def config_fingerprint(settings: RunSettings) -> str:
 
 
 def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, pad_id: int, logger,
-          job_dir: Path | None = None) -> TrainStats:
+          job_dir: Path | None = None, dist_info: distributed.Dist = distributed.Dist()) -> TrainStats:
     """The loop. With ``job_dir`` it checkpoints every ``trainer.checkpoint_every`` steps and on
-    SIGTERM/SIGINT, and resumes from the newest complete checkpoint there."""
+    SIGTERM/SIGINT, and resumes from the newest complete checkpoint there. Under torchrun each
+    process trains on its slice of every batch and rank 0 writes the checkpoints."""
     t = settings.trainer
     params = list(tuned.trainable_state().values())
     lr = t.lr if t.lr is not None else settings.method.lr
@@ -270,28 +273,33 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     if latest is not None:
         progress = load_checkpoint(latest, tuned, optimizer, scheduler, fingerprint_cfg)
         print(f"reft-lab: resuming from {latest} (step {progress.step})")
-    stream = BatchStream(data, t.batch_size, pad_id, settings.seed, progress.epoch, progress.offset)
+    stream = BatchStream(data, t.batch_size, pad_id, settings.seed, progress.epoch, progress.offset,
+                         dist_info.rank, dist_info.world)
+    model = distributed.wrap(tuned, dist_info)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
 
     def checkpoint() -> None:
-        if job_dir is not None:
+        if job_dir is not None and dist_info.main:
             progress.epoch, progress.offset = stream.epoch, stream.offset
             save_checkpoint(job_dir, tuned, optimizer, scheduler, progress, fingerprint_cfg, t.keep_checkpoints)
 
     tuned.train()
     start = time.perf_counter() - progress.elapsed_s
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
-               desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True)
+               desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
     with stop_signals() as (received, previous):
         for step in bar:
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
                 with autocast:
-                    loss = response_loss(tuned, batch) / t.grad_accum
+                    loss = response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 progress.tokens += batch.n_tokens
+            if dist_info.world > 1:  # log the mean loss and all processes' tokens
+                step_loss, step_tokens = distributed.mean_and_sum(step_loss, batch.n_tokens * t.grad_accum, device)
+                progress.tokens += step_tokens - batch.n_tokens * t.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
@@ -303,7 +311,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             progress.step, progress.last_loss = step + 1, step_loss
             progress.elapsed_s = time.perf_counter() - start
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{progress.tokens / progress.elapsed_s:.0f}")
-            if progress.step % t.log_every == 0:
+            if progress.step % t.log_every == 0 and dist_info.main:
                 logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                                            "tokens_per_s": progress.tokens / progress.elapsed_s})
             if received:
@@ -334,29 +342,37 @@ def versions() -> dict:
             "peft": peft.__version__, "python": platform.python_version()}
 
 
-def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
-    """One job; returns its metrics (already on disk). Raises on failure (the caller records it)."""
+def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict | None:
+    """One job; returns its metrics (already on disk), or None on a non-main torchrun process.
+    Raises on failure (the caller records it)."""
     settings = RunSettings.from_cfg(cfg)
     settings.preflight()
     config = OmegaConf.to_container(cfg, resolve=True)
-    seed_everything(settings.seed)
+    dist_info = distributed.setup()
+    seed_everything(settings.seed)  # same seed on every process: identical initial interventions
     task = load_task(settings.task, settings.seed)  # data errors surface before the model loads
-    loaded = load_model(settings.model)
+    loaded = load_model(settings.model, device=dist_info.device())
     if loaded.on_meta:
         raise config_error("model.name_or_path", settings.model.name_or_path, "a model with weights: this one loads on the meta device (accounting only, see `reft-lab params`)")
     encoder = PromptEncoder(loaded.tokenizer, settings.model.chat_template)
     suite = Suite(task, encoder, settings.retention)
     fingerprint_before = fingerprint(loaded.model)
-    base = TunedModel(loaded.model, NoneConfig())
-    base_results = evaluate_base(base, suite, fingerprint_before)
-    base_lp = base_logprobs(base, suite, base_results)
+    if dist_info.main:
+        base = TunedModel(loaded.model, NoneConfig())
+        base_results = evaluate_base(base, suite, fingerprint_before)
+        base_lp = base_logprobs(base, suite, base_results)
+    distributed.barrier(dist_info)
 
     tuned = attach(loaded.model, settings.method, loaded.name)
     tuned.base_fingerprint = fingerprint_before
     name = out.name
-    logger = make_logger(settings.logger, out, name, group, [settings.method.name, task.name, f"seed{settings.seed}"], config)
+    tags = [settings.method.name, task.name, f"seed{settings.seed}"]
+    logger = make_logger(settings.logger, out, name, group, tags, config) if dist_info.main else NullLogger()
     try:
-        stats = train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, logger, job_dir=out)
+        stats = train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, logger, job_dir=out,
+                      dist_info=dist_info)
+        if not dist_info.main:
+            return None
         after = evaluate_tuned(tuned, suite, base_results, base_lp)
         save_adapter(tuned, out / "adapter")
         params = param_report(tuned)
@@ -368,7 +384,7 @@ def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict:
             "task_scores": {"before": base_results.task_scores, "after": after["task_scores"]},
             "retention": after["retention"], "train_wall_s": stats.wall_s, "tokens_per_s": stats.tokens_per_s,
             "peak_mem_bytes": peak_memory_bytes(next(tuned.parameters()).device), "final_loss": stats.final_loss,
-            "steps": stats.steps, "torch_threads": torch.get_num_threads(), "base_fingerprint_before": fingerprint_before,
+            "steps": stats.steps, "torch_threads": torch.get_num_threads(), "world_size": dist_info.world, "base_fingerprint_before": fingerprint_before,
             "base_fingerprint_after": fingerprint(tuned.base_model), "versions": versions(), "config": config,
             "output_dir": str(out), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -440,7 +456,7 @@ def threads_per_job(hc, requested: int | None) -> int:
     if "joblib" in target:
         n_jobs = hc.launcher.get("n_jobs") or -1
         return max(1, cores // (cores if n_jobs < 0 else n_jobs))
-    return cores
+    return max(1, cores // distributed.local_processes())  # torchrun: processes share the cores
 
 
 def _record_failure(line: str) -> None:
@@ -464,10 +480,13 @@ def _hydra_main(cfg: DictConfig) -> float:
     if done is not None:
         print(f"reft-lab train: {out} already has an ok metrics.json: skipped (skip_completed=false re-runs it)")
         return float(lookup(done, cfg.optimized_metric) if lookup(done, cfg.optimized_metric) is not None else "nan")
+    main_process = int(os.environ.get("RANK", "0")) == 0
     try:
         _check_writable(out)
         metrics = run_job(cfg, out, group)
     except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
+        if not main_process:
+            raise
         failed = failed_metrics(cfg, out, err) if out.is_dir() else {"error": str(err)}
         _record_failure(f"{out}: {failed['error']}")
         print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
@@ -480,6 +499,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         if isinstance(err, ReftLabError):
             raise SystemExit(2) from None
         raise
+    if metrics is None:  # a non-main torchrun process: rank 0 reports
+        return float("nan")
     return float(lookup(metrics, cfg.optimized_metric))
 
 

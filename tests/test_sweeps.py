@@ -146,3 +146,20 @@ def test_report_plots_a_rank_sweep(tmp_path):
     assert main(["train", "-m", "method.rank=1,2,4", f"hydra.sweep.dir={sweep}", *SMALL]) == 0
     assert main(["report", str(sweep)]) == 0
     assert (sweep / "sweep_json_answer_loreft_rank.png").stat().st_size > 1000
+
+
+def test_one_job_on_two_processes_saves_once(tmp_path):
+    """torchrun DDP (gloo on the CPU here, NCCL on GPUs): rank 0 alone evaluates and saves."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "reft_lab.cli", "train",
+           f"hydra.run.dir={run}", *SMALL, "logger=csv", "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(run / "metrics.json")
+    assert metrics["status"] == "ok" and metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert len(list(run.rglob("adapter_model.safetensors"))) == 1
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
+    assert len((run / "train_log.csv").read_text().splitlines()) == 5  # rank 0 logs, once per step

@@ -76,9 +76,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REFT_LAB_CACHE", Path.home() / ".cache" / "reft_lab"))
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedModel:
+    """``device`` overrides ``cfg.device`` (a torchrun process's own GPU)."""
     name = str(cfg.name_or_path)
-    device = cfg.resolved_device()
+    device = device or cfg.resolved_device()
     if name.startswith("tiny:"):
         arch = name.removeprefix("tiny:")
         if arch not in TINY_ARCHITECTURES:
