@@ -17,6 +17,7 @@ commands:
   params [overrides]        parameter accounting as JSON (works on meta-device configs)
   report <dir> [<dir>...]   gather metrics.json files into report.md, report.csv, pareto.png
   generate --adapter DIR PROMPT...   greedy answers of a saved adapter on its base model
+  bench [--providers ...]   training-step time and memory: reft_lab vs pyreft vs peft (config A)
 
 examples:
   reft-lab train -m experiment=quickstart
@@ -79,7 +80,14 @@ def generate_command(args: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": train_command, "params": params_command, "report": report_command, "generate": generate_command}
+def bench_command(args: list[str]) -> int:
+    from reft_lab.bench import main as bench_main
+
+    return bench_main(args)
+
+
+COMMANDS = {"train": train_command, "params": params_command, "report": report_command, "generate": generate_command,
+            "bench": bench_command}
 
 
 def main(argv: list[str] | None = None) -> int:

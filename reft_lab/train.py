@@ -40,11 +40,12 @@ from reft_lab.data.tasks import TaskConfig, load_task
 from reft_lab.errors import ConfigError, ReftLabError, config_error
 from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
 from reft_lab.loggers import LoggerConfig, NullLogger, make_logger
-from reft_lab.methods import MethodConfig, TunedModel, attach, method_config
+from reft_lab.methods import MethodConfig, ReftModel, TunedModel, attach, method_config
 from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
-from reft_lab.models.loading import model_config_only
+from reft_lab.models.loading import DTYPES, model_config_only
+from reft_lab.prefix_cache import PrefixCache
 
 
 @dataclass(kw_only=True)
@@ -59,6 +60,11 @@ class TrainerConfig:
     bf16: bool = True
     eval_batch_size: int = 32
     log_every: int = 1
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
+    prefix_cache: bool = False  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
+    prefix_cache_gb: float = 2.0  # memory bound of the cache
+    prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache
+    prefix_cache_spill: bool = False  # past the bound, spill entries to <job dir>/prefix_cache
     checkpoint_every: int = 25  # steps between checkpoints; 0 = only on SIGTERM/SIGINT
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = True  # continue from the job directory's newest complete checkpoint
@@ -66,6 +72,10 @@ class TrainerConfig:
     def __post_init__(self):
         if self.checkpoint_every < 0:
             raise config_error("trainer.checkpoint_every", self.checkpoint_every, "an integer ≥ 0 (0 = only on SIGTERM/SIGINT)")
+        if self.prefix_cache_gb <= 0:
+            raise config_error("trainer.prefix_cache_gb", self.prefix_cache_gb, "a number > 0")
+        if self.prefix_cache_dtype is not None and self.prefix_cache_dtype not in DTYPES:
+            raise config_error("trainer.prefix_cache_dtype", self.prefix_cache_dtype, f"null or one of {', '.join(DTYPES)}")
         if self.keep_checkpoints < 1:
             raise config_error("trainer.keep_checkpoints", self.keep_checkpoints, "an integer ≥ 1")
         for key in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "log_every"):
@@ -276,6 +286,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     stream = BatchStream(data, t.batch_size, pad_id, settings.seed, progress.epoch, progress.offset,
                          dist_info.rank, dist_info.world)
     model = distributed.wrap(tuned, dist_info)
+    cache = _prefix_cache(tuned, t, job_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
 
     def checkpoint() -> None:
@@ -283,6 +294,9 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             progress.epoch, progress.offset = stream.epoch, stream.offset
             save_checkpoint(job_dir, tuned, optimizer, scheduler, progress, fingerprint_cfg, t.keep_checkpoints)
 
+    if t.gradient_checkpointing:
+        # non-reentrant: correct with a frozen base (no input requires grad) and with the edit hooks
+        tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tuned.train()
     start = time.perf_counter() - progress.elapsed_s
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
@@ -292,7 +306,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             step_loss = 0.0
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
-                with autocast:
+                with autocast, _cached(cache, batch, device):
                     loss = response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
@@ -326,6 +340,24 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     tuned.eval()
     return TrainStats(progress.step, progress.last_loss, progress.elapsed_s,
                       progress.tokens / progress.elapsed_s if progress.elapsed_s else None)
+
+
+def _prefix_cache(tuned: TunedModel, t: TrainerConfig, job_dir: Path | None) -> PrefixCache | None:
+    if not (t.prefix_cache and isinstance(tuned, ReftModel)) or min(tuned.layer_ids) == 0:
+        return None  # nothing frozen below the first intervened layer
+    cache = PrefixCache(int(t.prefix_cache_gb * 2**30), DTYPES[t.prefix_cache_dtype] if t.prefix_cache_dtype else None,
+                        job_dir / "prefix_cache" if (t.prefix_cache_spill and job_dir) else None)
+    cache.bind(tuned.model, min(tuned.layer_ids), tuned.base_fingerprint or fingerprint(tuned.base_model))
+    return cache
+
+
+def _cached(cache: PrefixCache | None, batch: TrainBatch, device):
+    if cache is None:
+        return nullcontext()
+    keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
+    lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
+    dtype = next(p for p in cache.blocks.parameters()).dtype
+    return cache.around(keys, lengths, batch.input_ids.shape[1], dtype, device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -66,10 +66,11 @@ class TrainBatch:
     prompt_lengths: torch.Tensor  # [B]
     labels: torch.Tensor  # [B, R]: the last R positions' targets, -100 where not a response token
     n_tokens: int  # attended tokens (for tokens/s)
+    examples: list["EncodedExample"] | None = None  # for the prefix cache
 
     def to(self, device) -> "TrainBatch":
         return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_lengths.to(device),
-                          self.labels.to(device), self.n_tokens)
+                          self.labels.to(device), self.n_tokens, self.examples)
 
 
 def collate_train(examples: list[EncodedExample], pad_id: int) -> TrainBatch:
@@ -79,4 +80,4 @@ def collate_train(examples: list[EncodedExample], pad_id: int) -> TrainBatch:
     for row, e in enumerate(examples):
         labels[row, width - len(e.response):] = torch.tensor(e.response, dtype=torch.long)
     lengths = torch.tensor([len(e.prompt) for e in examples], dtype=torch.long)
-    return TrainBatch(ids, mask, lengths, labels, int(mask.sum()))
+    return TrainBatch(ids, mask, lengths, labels, int(mask.sum()), examples)

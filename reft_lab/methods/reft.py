@@ -111,6 +111,8 @@ class ReftModel(TunedModel):
             if positions is None or (self._prompt_only and self._forward_calls > 1):
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[0] != positions.index.shape[0]:
+                return output  # not the batch these positions were built for
             index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
             rows = hidden.gather(1, index)
             edits = [intervention.edit(rows[:, cols]) for intervention, cols in routes]
@@ -123,6 +125,8 @@ class ReftModel(TunedModel):
 
     @contextmanager
     def editing(self, input_ids, attention_mask, prompt_lengths=None, prompt_only=False):
+        """Positions for this batch. In training they stay set until the next batch: gradient
+        checkpointing re-runs the layers (and so the edit) during backward, after forward returned."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._active = prompt_positions(self.config.spec, attention_mask, prompt_lengths)
@@ -130,7 +134,12 @@ class ReftModel(TunedModel):
         try:
             yield attention_mask
         finally:
-            self._active, self._prompt_only = None, False
+            if not (self.training and torch.is_grad_enabled()) or prompt_only:
+                self._active, self._prompt_only = None, False
+
+    def train(self, mode: bool = True):
+        self._active = None  # positions of a training batch never leak into evaluation
+        return super().train(mode)
 
     def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
         with self.editing(input_ids, attention_mask, prompt_lengths) as mask:

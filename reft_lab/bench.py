@@ -1,0 +1,256 @@
+"""``reft-lab bench``: one training step of reft_lab vs pyreft vs peft on the same work.
+
+Reference config A: SmolLM2-135M-Instruct, fp32, batch 8, prompt 48 + response 16 tokens (loss on
+the response only), LoReFT rank 4 at layers 6, 12, 18, 24, positions f3+l3 untied; LoRA rank 8,
+alpha 16 on q_proj and v_proj; AdamW. Step time: the providers run interleaved round by round in
+one process (the machine's drift hits all alike), median/p20/p80 over the rounds after warm-up.
+Peak memory: each provider in a fresh subprocess, peak RSS during its steps minus RSS before them
+(CPU; CUDA: max_memory_allocated). Writes a JSON record and CSV rows under experiments/bench/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from reft_lab.data.batching import EncodedExample, collate_train
+
+LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
+BATCH, PROMPT, RESPONSE = 8, 48, 16
+PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "pyreft_loreft", "peft_lora", "reft_lab_lora"]
+
+
+def _model(name: str):
+    from reft_lab.models import ModelConfig, load_model
+
+    return load_model(ModelConfig(name_or_path=name, device="cpu" if not torch.cuda.is_available() else "cuda")).model
+
+
+def _batch(device, vocab_size: int):
+    g = torch.Generator().manual_seed(0)
+    examples = [EncodedExample(torch.randint(3, vocab_size, (PROMPT,), generator=g).tolist(),
+                               torch.randint(3, vocab_size, (RESPONSE,), generator=g).tolist()) for _ in range(BATCH)]
+    return collate_train(examples, pad_id=2).to(device)
+
+
+def make_step(provider: str, model_name: str):
+    """A closure running one optimizer step of ``provider`` on config A's batch."""
+    from reft_lab.methods import attach
+    from reft_lab.train import build_optimizer, response_loss
+
+    model = _model(model_name)
+    device = next(model.parameters()).device
+    batch = _batch(device, model.config.vocab_size)
+    if provider.startswith("reft_lab"):
+        if "loreft" in provider:
+            cfg = {"name": "loreft", "rank": RANK, "layers": LAYERS, "positions": f"f{FIRST}+l{LAST}", "tied": False}
+        else:
+            cfg = {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+        tuned = attach(model, cfg).train()
+        optimizer = build_optimizer(tuned, 1e-3, 0.0)
+        cache = None
+        if provider.endswith("cached"):
+            from reft_lab.accounting import fingerprint
+            from reft_lab.prefix_cache import PrefixCache
+
+            cache = PrefixCache(2**31)
+            cache.bind(tuned.model, min(LAYERS), fingerprint(tuned.base_model))
+            keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
+            lengths = [PROMPT + RESPONSE] * BATCH
+
+        def step():
+            if cache is None:
+                loss = response_loss(tuned, batch)
+            else:
+                with cache.around(keys, lengths, PROMPT + RESPONSE, torch.float32, device):
+                    loss = response_loss(tuned, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        return step
+    labels = batch.input_ids.clone()
+    labels[:, :PROMPT] = -100
+    if provider == "pyreft_loreft":
+        import pyreft
+
+        reps = [{"layer": layer, "component": "block_output", "low_rank_dimension": RANK,
+                 "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=RANK,
+                                                           dtype=torch.float32)}
+                for layer in LAYERS for _ in range(2)]
+        reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+        reft.model.train()
+        locations = [[list(range(FIRST))] * BATCH if i % 2 == 0 else [list(range(PROMPT - LAST, PROMPT))] * BATCH
+                     for i in range(len(reps))]
+        params = [p for p in reft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+
+        def step():  # what pyreft's ReftTrainerForCausalLM.compute_loss does
+            _, out = reft({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                          unit_locations={"sources->base": (None, locations)}, labels=labels, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out.loss.item()
+
+        return step
+    if provider == "peft_lora":
+        import peft
+
+        lora = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        lora.train()
+        optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+
+        def step():
+            out = lora(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, use_cache=False)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return out.loss.item()
+
+        return step
+    raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def time_steps(providers: list[str], model_name: str, warmup: int, steps: int) -> dict[str, list[float]]:
+    closures = {p: make_step(p, model_name) for p in providers}
+    times: dict[str, list[float]] = {p: [] for p in providers}
+    for round_ in range(warmup + steps):
+        for provider, step in closures.items():
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                times[provider].append(time.perf_counter() - start)
+        print(f"round {round_ + 1}/{warmup + steps}: " + ", ".join(f"{p} {times[p][-1]:.2f}s" for p in providers if times[p]),
+              flush=True)
+    return times
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_memory(provider: str, model_name: str, steps: int) -> int:
+    """Extra memory of training steps, in this (fresh) process."""
+    step = make_step(provider, model_name)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for _ in range(steps):
+            step()
+        return int(torch.cuda.max_memory_allocated() - before)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS counter to the current RSS
+    before = _rss_bytes()
+    for _ in range(steps):
+        step()
+    return _peak_rss_bytes() - before
+
+
+def versions() -> dict:
+    import peft
+    import transformers
+
+    from reft_lab import __version__
+
+    out = {"reft_lab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "peft": peft.__version__, "python": platform.python_version()}
+    try:
+        import pyreft  # noqa: F401
+        from importlib.metadata import version
+
+        out["pyreft"] = version("pyreft")
+    except ImportError:
+        pass
+    return out
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{cpu} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reft-lab bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--memory-steps", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("experiments/bench"))
+    parser.add_argument("--layers", type=int, nargs="+", default=LAYERS, help="intervened layers (config A: 6 12 18 24)")
+    parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one provider's memory
+    opts = parser.parse_args(argv)
+    LAYERS[:] = opts.layers
+    if opts.memory_only:
+        print(json.dumps({"provider": opts.memory_only, "peak_train_bytes": measure_memory(opts.memory_only, opts.model, opts.memory_steps)}))
+        return 0
+    times = time_steps(opts.providers, opts.model, opts.warmup, opts.steps)
+    memory = {}
+    for provider in opts.providers:
+        proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", "--model", opts.model, "--memory-only", provider,
+                               "--memory-steps", str(opts.memory_steps), "--layers", *map(str, LAYERS)],
+                              capture_output=True, text=True, check=True)
+        memory[provider] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
+    record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
+              "config": {"model": opts.model, "batch": BATCH, "prompt": PROMPT, "response": RESPONSE, "layers": LAYERS,
+                         "rank": RANK, "positions": f"f{FIRST}+l{LAST}", "warmup": opts.warmup, "steps": opts.steps},
+              "providers": {p: {"median_s": statistics.median(times[p]), "p20_s": _quantile(times[p], 0.2),
+                                "p80_s": _quantile(times[p], 0.8), "peak_train_bytes": memory[p]} for p in opts.providers}}
+    ratios = {}
+    med = {p: v["median_s"] for p, v in record["providers"].items()}
+    for ours in ("reft_lab_loreft", "reft_lab_loreft_cached"):
+        for peer in ("pyreft_loreft", "peft_lora"):
+            if ours in med and peer in med:
+                ratios[f"{ours}/{peer}_step"] = med[ours] / med[peer]
+    if "reft_lab_loreft" in memory and "pyreft_loreft" in memory:
+        ratios["reft_lab_loreft/pyreft_loreft_memory"] = memory["reft_lab_loreft"] / memory["pyreft_loreft"]
+    if "reft_lab_lora" in med and "peft_lora" in med:
+        ratios["reft_lab_lora/peft_lora_step"] = med["reft_lab_lora"] / med["peft_lora"]
+    record["ratios"] = ratios
+    opts.out.mkdir(parents=True, exist_ok=True)
+    with open(opts.out / "train_step.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    new = not (opts.out / "train_step.csv").exists()
+    with open(opts.out / "train_step.csv", "a", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["date", "machine", "provider", "median_s", "p20_s", "p80_s", "peak_train_bytes", "torch", "transformers", "peft"])
+        for p, v in record["providers"].items():
+            writer.writerow([record["date"], record["machine"], p, f"{v['median_s']:.4f}", f"{v['p20_s']:.4f}", f"{v['p80_s']:.4f}",
+                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"]])
+    print(json.dumps({"machine": record["machine"], "providers": record["providers"], "ratios": ratios}, indent=2))
+    return 0

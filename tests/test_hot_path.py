@@ -1,0 +1,130 @@
+"""The optimised training path equals the plain one; the prefix cache is invalidated when it must be."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reft_lab.accounting import fingerprint
+from reft_lab.cli import main
+from reft_lab.data.batching import EncodedExample, collate_train
+from reft_lab.methods import attach
+from reft_lab.prefix_cache import PrefixCache
+from reft_lab.train import response_loss
+
+
+def _examples(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [EncodedExample(torch.randint(3, 250, (n,), generator=g).tolist(), torch.randint(3, 250, (r,), generator=g).tolist())
+            for n, r in lengths]
+
+
+def _fresh(tiny, method):
+    torch.manual_seed(0)
+    tuned = attach(tiny().model, method)
+    return tuned.train()
+
+
+def _grads(tuned):
+    return {n: p.grad.detach().clone() for n, p in tuned.trainable_state().items()}
+
+
+def _full_logits_loss(tuned, batch):
+    """The plain path: logits for every position, labels -100 outside the response."""
+    logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
+                   use_cache=False).logits
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[:, -batch.labels.shape[1]:] = batch.labels
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 3]}, {"name": "lora", "dropout": 0.0}], ids=["loreft", "lora"])
+def test_response_only_logits_equal_full_logits(tiny, method):
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    a = _fresh(tiny, method)
+    loss_a = response_loss(a, batch)
+    loss_a.backward()
+    b = _fresh(tiny, method)
+    loss_b = _full_logits_loss(b, batch)
+    loss_b.backward()
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-6, rtol=1e-6)
+    for name, grad in _grads(a).items():
+        torch.testing.assert_close(grad, _grads(b)[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2]}, {"name": "lora", "dropout": 0.0}], ids=["loreft", "lora"])
+def test_gradient_checkpointing_equal_losses_and_gradients(tiny, method):
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    results = []
+    for checkpointing in (False, True):
+        tuned = _fresh(tiny, method)
+        if checkpointing:
+            tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            tuned.train()
+        loss = response_loss(tuned, batch)
+        loss.backward()
+        results.append((loss.detach(), _grads(tuned)))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(grad, results[1][1][name], atol=1e-7, rtol=1e-6)
+
+
+def test_prefix_cache_equal_losses_and_gradients(tiny):
+    examples = _examples([(7, 3), (9, 5), (4, 2), (6, 4)])
+    first, second = collate_train(examples[:2] + examples[2:3], 0), collate_train([examples[2], examples[0], examples[1]], 0)
+    plain = _fresh(tiny, {"name": "loreft", "layers": [2, 3]})
+    cached = _fresh(tiny, {"name": "loreft", "layers": [2, 3]})
+    cache = PrefixCache(2**30)
+    cache.bind(cached.model, 2, fingerprint(cached.base_model))
+
+    def run(tuned, batch, use_cache):
+        keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
+        lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
+        ctx = cache.around(keys, lengths, batch.input_ids.shape[1], torch.float32, "cpu") if use_cache else torch.enable_grad()
+        with ctx:
+            loss = response_loss(tuned, batch)
+        loss.backward()
+        grads = _grads(tuned)
+        tuned.zero_grad()
+        return loss.detach(), grads
+
+    run(cached, first, True)  # fills the cache (other batch composition, other padding)
+    assert (cache.hits, cache.misses) == (0, 1)
+    loss_c, grads_c = run(cached, second, True)
+    assert cache.hits == 1, "the second batch should come from the cache"
+    loss_p, grads_p = run(plain, second, False)
+    torch.testing.assert_close(loss_c, loss_p, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_p.items():
+        torch.testing.assert_close(grads_c[name], grad, atol=1e-5, rtol=1e-4)
+
+
+def test_prefix_cache_invalidation(tiny, tmp_path):
+    tuned = attach(tiny().model, {"name": "loreft", "layers": [2]})
+    cache = PrefixCache(max_bytes=10_000, spill_dir=tmp_path / "spill")
+    cache.bind(tuned.model, 2, "fingerprint-a")
+    batch = collate_train(_examples([(30, 10), (30, 10), (20, 5)]), 0)  # 3 × ~40 × 64 floats > 10 kB: spills
+    keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
+    lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
+    with cache.around(keys, lengths, batch.input_ids.shape[1], torch.float32, "cpu"):
+        tuned(batch.input_ids, attention_mask=batch.attention_mask)
+    assert cache.memory and cache.on_disk and cache.bytes <= 10_000
+    assert all(cache._get(k, "cpu") is not None for k in keys)
+    cache.bind(tuned.model, 2, "fingerprint-a")  # same model and layer: kept
+    assert all(cache._get(k, "cpu") is not None for k in keys)
+    cache.bind(tuned.model, 3, "fingerprint-a")  # layers changed
+    assert not cache.memory and not cache.on_disk and not list((tmp_path / "spill").iterdir())
+    cache.bind(tuned.model, 2, "fingerprint-b")  # model changed
+    assert all(cache._get(k, "cpu") is None for k in keys)
+    other = [PrefixCache.key(e.prompt + e.response) for e in _examples([(30, 10)], seed=9)]
+    assert other[0] not in keys  # new data: a new key, a miss
+
+
+def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
+    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2",
+                 "--memory-steps", "1", "--providers", "reft_lab_loreft", "pyreft_loreft", "peft_lora", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
+    assert set(record["providers"]) == {"reft_lab_loreft", "pyreft_loreft", "peft_lora"}
+    assert all(v["median_s"] > 0 for v in record["providers"].values())
+    assert "reft_lab_loreft/pyreft_loreft_step" in record["ratios"]
+    assert (tmp_path / "train_step.csv").read_text().count("\n") == 4
