@@ -60,6 +60,7 @@ class TrainerConfig:
     bf16: bool = True
     eval_batch_size: int = 32
     log_every: int = 1
+    group_by_length: bool = False  # batches of similar length (less padding); changes the data order
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
     prefix_cache: bool = False  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
@@ -186,15 +187,21 @@ class BatchStream:
     (epoch, offset) is all a checkpoint needs to continue the same order."""
 
     def __init__(self, data: list[EncodedExample], batch_size: int, pad_id: int, seed: int, epoch: int = 0,
-                 offset: int = 0, rank: int = 0, world: int = 1):
+                 offset: int = 0, rank: int = 0, world: int = 1, group_by_length: bool = False):
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.group_by_length = group_by_length
         self.epoch, self.offset, self._order = epoch, offset, None
         self.rank, self.world = rank, world  # each process takes its slice of every global batch
 
     def order(self) -> list[int]:
         if self._order is None or self._order[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = (self.epoch, torch.randperm(len(self.data), generator=generator).tolist())
+            order = torch.randperm(len(self.data), generator=generator).tolist()
+            if self.group_by_length:  # sort within windows of 50 global batches: less padding, still shuffled
+                window = 50 * self.batch_size * self.world
+                length = lambda i: len(self.data[i].prompt) + len(self.data[i].response)  # noqa: E731
+                order = [i for w in range(0, len(order), window) for i in sorted(order[w: w + window], key=length, reverse=True)]
+            self._order = (self.epoch, order)
         return self._order[1]
 
     def __iter__(self) -> Iterator[TrainBatch]:
@@ -208,14 +215,22 @@ class BatchStream:
         return collate_train([self.data[j] for j in chunk[self.rank:: self.world]], self.pad_id)
 
 
+CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded memory for large vocabularies
+
+
 def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """Mean cross-entropy over response tokens. Batches are left-padded, so every response ends at
-    the last position and the LM head runs on the last R + 1 positions only."""
+    the last position and the LM head runs on the last R + 1 positions only; the loss runs over
+    row chunks so no full fp32 copy of a large-vocabulary logit tensor is made."""
     keep = batch.labels.shape[1] + 1
     out = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
                 logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, -keep:-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=-100)
+    logits = out.logits[:, -keep:-1].reshape(-1, out.logits.shape[-1])
+    labels = batch.labels.reshape(-1)
+    rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
+    total = sum(F.cross_entropy(logits[i: i + rows].float(), labels[i: i + rows], ignore_index=-100, reduction="sum")
+                for i in range(0, len(labels), rows))
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 @dataclass
@@ -284,7 +299,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
         progress = load_checkpoint(latest, tuned, optimizer, scheduler, fingerprint_cfg)
         print(f"reft-lab: resuming from {latest} (step {progress.step})")
     stream = BatchStream(data, t.batch_size, pad_id, settings.seed, progress.epoch, progress.offset,
-                         dist_info.rank, dist_info.world)
+                         dist_info.rank, dist_info.world, t.group_by_length)
     model = distributed.wrap(tuned, dist_info)
     cache = _prefix_cache(tuned, t, job_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()

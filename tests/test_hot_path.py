@@ -128,3 +128,27 @@ def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
     assert all(v["median_s"] > 0 for v in record["providers"].values())
     assert "reft_lab_loreft/pyreft_loreft_step" in record["ratios"]
     assert (tmp_path / "train_step.csv").read_text().count("\n") == 4
+
+
+def test_chunked_cross_entropy_equals_one_chunk(tiny, monkeypatch):
+    import reft_lab.train as train_module
+
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    tuned = _fresh(tiny, {"name": "loreft", "layers": [1]})
+    whole = response_loss(tuned, batch)
+    monkeypatch.setattr(train_module, "CE_CHUNK_ELEMENTS", 300)  # ~1 row of a 259-token vocabulary per chunk
+    chunked = response_loss(tuned, batch)
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_length_grouped_batches_are_a_sorted_permutation():
+    from reft_lab.train import BatchStream
+
+    data = _examples([(int(n), 2) for n in torch.randint(2, 40, (30,), generator=torch.Generator().manual_seed(1))])
+    plain = BatchStream(data, 4, 0, seed=0)
+    grouped = BatchStream(data, 4, 0, seed=0, group_by_length=True)
+    assert sorted(grouped.order()) == sorted(plain.order()) == list(range(30))
+    lengths = [len(data[i].prompt) for i in grouped.order()]
+    assert lengths == sorted(lengths, reverse=True)  # one window (50 batches) covers all 30
+    batch = next(grouped)
+    assert batch.input_ids.shape[1] == max(len(e.prompt) + 2 for e in data)
