@@ -1,6 +1,10 @@
 import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Triton kernels run in its interpreter on a CPU-only machine; read when the kernels are defined,
+# so before anything imports reft_lab.kernels
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402

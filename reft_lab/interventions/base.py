@@ -65,6 +65,10 @@ class Intervention(nn.Module):
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, B, b) with Δ(h) = Bᵀ(A h + b): the form the fused kernel computes."""
+        raise NotImplementedError
+
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         """Δ with dropout, in h's dtype: what the model adds to the residual stream."""
         return self.dropout(self.delta(h.to(self.dtype))).to(h.dtype)

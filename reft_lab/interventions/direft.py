@@ -27,3 +27,6 @@ class DiReFT(Intervention):
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         return (h @ self.W1.T + self.b) @ self.W2
+
+    def factors(self):
+        return self.W1, self.W2, self.b

@@ -34,5 +34,9 @@ class LoReFT(Intervention):
         return orthonormal_rows(self.rotation)
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
-        R = self.R
-        return (h @ (self.W - R).T + self.b) @ R
+        A, R, b = self.factors()
+        return (h @ A.T + b) @ R
+
+    def factors(self):
+        R = self.R  # orthonormalised once per call
+        return self.W - R, R, self.b

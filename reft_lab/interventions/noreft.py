@@ -24,3 +24,6 @@ class NoReFT(Intervention):
 
     def delta(self, h: torch.Tensor) -> torch.Tensor:
         return (h @ (self.W - self.R).T + self.b) @ self.R
+
+    def factors(self):
+        return self.W - self.R, self.R, self.b

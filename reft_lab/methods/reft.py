@@ -34,6 +34,7 @@ class ReftConfig(MethodConfig):
     tied: bool = False  # true: one intervention per layer for all positions; false: one per group
     dropout: float = 0.0  # on the edit only
     dtype: str | None = None  # intervention parameters; null = the model's dtype
+    impl: str = "auto"  # auto: fused Triton kernel on CUDA where it applies, else eager; triton; eager
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +55,10 @@ class ReftConfig(MethodConfig):
             raise config_error("method.tied", self.tied, "true or false")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise config_error("method.dropout", self.dropout, "a number in [0, 1)")
+        if self.impl not in IMPLS:
+            raise config_error("method.impl", self.impl, f"one of {', '.join(IMPLS)}")
+        if self.impl == "triton" and self.dropout:
+            raise config_error("method.impl", self.impl, "auto or eager when method.dropout > 0 (the kernel has no dropout)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise config_error("method.dtype", self.dtype, f"null or one of {', '.join(DTYPES)}")
         self.spec  # parse now: a malformed spec fails at config time
@@ -69,6 +74,9 @@ class ReftConfig(MethodConfig):
         if bad:
             raise config_error("method.layers", self.layers, f"indices in [0, {n_layers - 1}] (this model has {n_layers} layers)")
         return sorted(self.layers)
+
+
+IMPLS = ("auto", "triton", "eager")
 
 
 def intervention_key(layer: int, group: str) -> str:
@@ -94,6 +102,12 @@ class ReftModel(TunedModel):
             self.interventions = nn.ModuleDict(
                 {intervention_key(i, g): make(d, config.rank, config.dropout, dtype) for i in self.layer_ids for g in self.groups}
             )
+        if config.impl == "triton":
+            from reft_lab.kernels import triton_usable
+
+            problem = triton_usable(torch.empty(1, 1, d, dtype=param.dtype, device=param.device), config.rank)
+            if problem:
+                raise config_error("method.impl", "triton", f"auto or eager: the fused kernel cannot run here ({problem})")
         self._active: Positions | None = None
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
@@ -113,15 +127,33 @@ class ReftModel(TunedModel):
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[0] != positions.index.shape[0]:
                 return output  # not the batch these positions were built for
-            index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-            rows = hidden.gather(1, index)
-            edits = [intervention.edit(rows[:, cols]) for intervention, cols in routes]
-            delta = edits[0] if len(edits) == 1 else torch.cat(edits, 1)
-            delta = delta * positions.valid.unsqueeze(-1).to(delta.dtype)
-            hidden = hidden.scatter_add(1, index, delta)
+            if self._fused(hidden):
+                from reft_lab.kernels import fused_low_rank_edit
+
+                for intervention, cols in routes:
+                    hidden = fused_low_rank_edit(hidden, positions.index[:, cols], positions.valid[:, cols], *intervention.factors())
+            else:
+                index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+                rows = hidden.gather(1, index)
+                edits = [intervention.edit(rows[:, cols]) for intervention, cols in routes]
+                delta = edits[0] if len(edits) == 1 else torch.cat(edits, 1)
+                delta = delta * positions.valid.unsqueeze(-1).to(delta.dtype)
+                hidden = hidden.scatter_add(1, index, delta)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
+
+    def _fused(self, hidden: torch.Tensor) -> bool:
+        """The fused kernel for this call? triton: always (checked at attach); auto: on CUDA where
+        it applies and no dropout is active; eager: never."""
+        impl = self.config.impl
+        if impl == "eager" or (impl == "auto" and not hidden.is_cuda):
+            return False
+        if impl == "triton":
+            return True
+        from reft_lab.kernels import triton_usable
+
+        return triton_usable(hidden, self.config.rank) is None and not (self.training and self.config.dropout)
 
     @contextmanager
     def editing(self, input_ids, attention_mask, prompt_lengths=None, prompt_only=False):

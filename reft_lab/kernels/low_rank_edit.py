@@ -1,0 +1,177 @@
+"""Fused low-rank edit of selected rows: h ← h + Bᵀ(A h + b) at positions (b, index[b, p]).
+
+Every ReFT variant here is this edit: LoReFT and NoReFT use A = W − R, B = R (A formed once per
+call, outside the kernel); DiReFT uses A = W₁, B = W₂. Positions are (index, valid) tensors from
+``reft_lab.positions``: no position appears twice, padding slots are invalid.
+
+Forward, one program per block of selected rows: read each row once, z = A h + b (rank r, kept on
+chip, fp32), write h + Bᵀz once; save the original rows and z for backward. Backward per row block:
+u = B dy, dh = dy + Aᵀu (rows not selected pass dy through), and per-block partial sums of
+dA = Σ u hᵀ, dB = Σ z dyᵀ, db = Σ u, reduced by torch. Autograd carries dA, dB to W, R (and
+through R's orthonormalisation) outside the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_RANK = 64  # the rank loop is unrolled at compile time
+MAX_HIDDEN = 16384  # one row is held on chip: next_power_of_2(d) elements
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def low_rank_edit_reference(hidden, index, valid, A, B, b):
+    """Eager reference: gather, Δ = (hA ᵀ + b) B, mask, scatter-add (out of place)."""
+    idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+    rows = hidden.gather(1, idx).float()
+    delta = (rows @ A.float().T + b.float()) @ B.float()
+    delta = delta * valid.unsqueeze(-1)
+    return hidden.scatter_add(1, idx, delta.to(hidden.dtype))
+
+
+def triton_usable(hidden: torch.Tensor, rank: int) -> str | None:
+    """Why the fused kernel cannot run on these inputs (None when it can)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (hidden.is_cuda or interpret):
+        return f"device {hidden.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1)"
+    if hidden.dtype not in DTYPES:
+        return f"dtype {hidden.dtype} (supported: float32, bfloat16, float16)"
+    if not 1 <= rank <= MAX_RANK:
+        return f"rank {rank} (the kernel supports 1 to {MAX_RANK})"
+    if hidden.shape[-1] > MAX_HIDDEN:
+        return f"hidden size {hidden.shape[-1]} (the kernel supports up to {MAX_HIDDEN})"
+    return None
+
+
+@triton.jit
+def _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's selected rows: slot ids m, which are live (in range and valid), their flat row
+    offsets in the hidden state, the column range and the 2-D load/store mask."""
+    m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = (m < n_rows) & (tl.load(VALID + m, mask=m < n_rows, other=0) != 0)
+    row = tl.load(ROWS + m, mask=live, other=0)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    return m, live, row, cols, cmask, live[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, n_rows, d,
+              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SAVE: tl.constexpr):
+    pid = tl.program_id(0)
+    m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
+    ptrs = H + row[:, None] * d + cols[None, :]
+    h = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # accumulate in fp32
+    if SAVE:  # only when a gradient will be asked for
+        tl.store(SAVED + m[:, None] * d + cols[None, :], h, mask=mask)
+    delta = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for k in tl.static_range(RANK):
+        a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
+        b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
+        z_k = tl.sum(h * a_k[None, :], axis=1) + tl.load(BIAS + k).to(tl.float32)  # z = A h + b
+        z_k = tl.where(live, z_k, 0.0)
+        if SAVE:
+            tl.store(Z + m * RANK + k, z_k, mask=m < n_rows)
+        delta += z_k[:, None] * b_k[None, :]  # Δ = Bᵀ z
+    tl.store(ptrs, (h + delta).to(H.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _edit_bwd(DY, DH, ROWS, VALID, SAVED, Z, A, B, PART_DA, PART_DB, PART_DBIAS, n_rows, d,
+              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
+    dy = tl.load(DY + row[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = tl.load(SAVED + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
+    dh = dy
+    for k in tl.static_range(RANK):
+        a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
+        b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
+        u_k = tl.sum(dy * b_k[None, :], axis=1)  # u = B dy
+        z_k = tl.load(Z + m * RANK + k, mask=m < n_rows, other=0.0)
+        dh += u_k[:, None] * a_k[None, :]  # dL/dh = dy + Aᵀ u
+        tl.store(PART_DA + (pid * RANK + k) * d + cols, tl.sum(u_k[:, None] * h, axis=0), mask=cmask)  # dA = Σ u hᵀ
+        tl.store(PART_DB + (pid * RANK + k) * d + cols, tl.sum(z_k[:, None] * dy, axis=0), mask=cmask)  # dB = Σ z dyᵀ
+        tl.store(PART_DBIAS + pid * RANK + k, tl.sum(u_k, axis=0))  # db = Σ u
+    tl.store(DH + row[:, None] * d + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+
+
+def _launch_shape(n_rows: int, d: int) -> tuple[int, int, int]:
+    block_d = triton.next_power_of_2(d)
+    block_m = max(1, min(16, 8192 // block_d))  # ~8K fp32 values of rows on chip per program
+    return block_m, block_d, triton.cdiv(max(n_rows, 1), block_m)
+
+
+def _flat_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    T = hidden.shape[1]
+    return (torch.arange(hidden.shape[0], device=index.device)[:, None] * T + index).reshape(-1)
+
+
+class _FusedEdit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, index, valid, A, B, b):
+        # Edit in place: only the selected rows are read and written. Autograd's version counter
+        # still guards the input (an op that saved it would raise in backward, never go wrong).
+        # A leaf that requires grad, or a strided view, is copied first.
+        inplace = hidden.is_contiguous() and not (hidden.is_leaf and hidden.requires_grad)
+        out = hidden if inplace else hidden.contiguous().clone()
+        save = any(ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        rows = _flat_rows(out, index).contiguous()
+        flags = valid.reshape(-1).to(torch.int8).contiguous()
+        n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[0]
+        saved = torch.empty(n_rows if save else 0, d, dtype=torch.float32, device=out.device)
+        z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
+        block_m, block_d, grid = _launch_shape(n_rows, d)
+        _edit_fwd[(grid,)](out, rows, flags, saved, z, A.contiguous(), B.contiguous(), b.contiguous(), n_rows, d,
+                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=save)
+        if inplace:
+            ctx.mark_dirty(out)
+        ctx.save_for_backward(rows, flags, saved, z, A, B)
+        ctx.grid, ctx.block_m, ctx.block_d, ctx.bias_dtype = grid, block_m, block_d, b.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, flags, saved, z, A, B = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_hidden = grad_out.clone()  # unselected rows: dL/dh = dy
+        n_rows, d, rank = rows.numel(), grad_out.shape[-1], A.shape[0]
+        part_da = torch.zeros(ctx.grid, rank, d, dtype=torch.float32, device=grad_out.device)
+        part_db = torch.zeros_like(part_da)
+        part_dbias = torch.zeros(ctx.grid, rank, dtype=torch.float32, device=grad_out.device)
+        _edit_bwd[(ctx.grid,)](grad_out, grad_hidden, rows, flags, saved, z, A.contiguous(), B.contiguous(),
+                               part_da, part_db, part_dbias, n_rows, d,
+                               RANK=rank, BLOCK_M=ctx.block_m, BLOCK_D=ctx.block_d)
+        dA, dB, db = part_da.sum(0).to(A.dtype), part_db.sum(0).to(B.dtype), part_dbias.sum(0).to(ctx.bias_dtype)
+        return grad_hidden, None, None, dA, dB, db
+
+
+def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
+                        A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """h[b, index[b, p]] += Bᵀ(A h + b) where valid[b, p]. hidden [batch, T, d]; A, B [r, d]; b [r].
+
+    Raises ValueError for inputs the kernel does not support (callers that want a fallback check
+    ``triton_usable`` first and use ``low_rank_edit_reference``).
+    """
+    if hidden.dim() != 3 or index.shape != valid.shape or index.shape[0] != hidden.shape[0]:
+        raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, index {tuple(index.shape)}, valid {tuple(valid.shape)}")
+    if A.shape != B.shape or A.shape[1] != hidden.shape[-1] or b.shape != (A.shape[0],):
+        raise ValueError(f"A {tuple(A.shape)}, B {tuple(B.shape)}, b {tuple(b.shape)} do not fit hidden size {hidden.shape[-1]}")
+    problem = triton_usable(hidden, A.shape[0])
+    if problem:
+        raise ValueError(f"fused kernel unsupported for {problem}")
+    return _FusedEdit.apply(hidden, index, valid, A, B, b)
+
+
+class FusedLowRankEdit(torch.nn.Module):
+    """Module form: ``FusedLowRankEdit()(hidden, index, valid, A, B, b)``, falling back to the eager
+    reference where the kernel cannot run (CPU without the interpreter, rank > 64, other dtypes)."""
+
+    def forward(self, hidden, index, valid, A, B, b):
+        if triton_usable(hidden, A.shape[0]) is None:
+            return fused_low_rank_edit(hidden, index, valid, A, B, b)
+        return low_rank_edit_reference(hidden, index, valid, A, B, b)

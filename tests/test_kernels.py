@@ -1,0 +1,154 @@
+"""The fused low-rank edit kernel against its eager reference: output and every gradient.
+
+On a CPU-only machine these run in Triton's interpreter (conftest sets TRITON_INTERPRET=1):
+tiny shapes. Tests marked gpu run the compiled kernel on CUDA.
+"""
+
+import pytest
+import torch
+
+from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit, low_rank_edit_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
+# (batch, T, d, rank, index rows, valid rows): one row; both sequence edges with a padded slot;
+# d = 576 (SmolLM2) and d = 50 (not a power of two); rank 1 to 32
+SHAPES = [
+    (1, 1, 48, 1, [[0]], [[True]]),
+    (3, 9, 576, 4, [[0, 8, 4], [1, 2, 0], [8, 0, 3]], [[True, True, True], [True, True, False], [True, True, False]]),
+    (2, 5, 50, 32, [[0, 4], [3, 1]], [[True, True], [False, True]]),
+    (2, 6, 64, 7, [[5, 0, 2], [4, 3, 0]], [[True, True, True], [True, True, True]]),
+]
+
+
+def _inputs(shape, dtype, seed=0):
+    batch, T, d, r, index, valid = shape
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, T, d, generator=g).to(DEVICE, dtype)
+    A = (torch.randn(r, d, generator=g) / d ** 0.5).to(DEVICE, dtype)
+    B = (torch.randn(r, d, generator=g) / d ** 0.5).to(DEVICE, dtype)
+    b = torch.randn(r, generator=g).to(DEVICE, dtype)
+    return [t.requires_grad_() for t in (h, A, B, b)], torch.tensor(index, device=DEVICE), torch.tensor(valid, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["one-row", "d576-edges-padded", "d50-rank32", "rank7"])
+def test_forward_and_every_gradient_match_reference(dtype, atol, rtol, shape):
+    (h, A, B, b), index, valid = _inputs(shape, dtype)
+    out = fused_low_rank_edit(h, index, valid, A, B, b)
+    ref = low_rank_edit_reference(h, index, valid, A, B, b)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (h, A, B, b), grad)
+    want = torch.autograd.grad(ref, (h, A, B, b), grad)
+    for name, x, y in zip(("h", "A", "B", "b"), got, want):
+        scale = max(1.0, float(y.abs().max()))  # sums over rows: compare relative to their size
+        torch.testing.assert_close(x, y, atol=atol * scale, rtol=rtol, msg=lambda m: f"d{name}: {m}")
+
+
+def test_padding_and_unselected_rows_pass_through():
+    (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
+    out = fused_low_rank_edit(h, index, valid, A, B, b)
+    changed = (out - h).abs().amax(-1) > 0
+    selected = torch.zeros_like(changed)
+    for row in range(index.shape[0]):
+        selected[row, index[row][valid[row]]] = True
+    assert torch.equal(changed, selected)
+
+
+def test_non_contiguous_hidden():
+    (h, A, B, b), index, valid = _inputs(SHAPES[3], torch.float32)
+    wide = torch.cat([h.detach(), h.detach()], -1)[..., : h.shape[-1]]  # a strided view
+    assert not wide.is_contiguous()
+    torch.testing.assert_close(fused_low_rank_edit(wide, index, valid, A, B, b),
+                               low_rank_edit_reference(wide, index, valid, A, B, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        (lambda h, A, B, b: (h.double(), A.double(), B.double(), b.double()), "dtype"),
+        (lambda h, A, B, b: (h, torch.randn(MAX_RANK + 1, h.shape[-1]), torch.randn(MAX_RANK + 1, h.shape[-1]), torch.randn(MAX_RANK + 1)), "rank 65"),
+        (lambda h, A, B, b: (h, A[:, :-1], B[:, :-1], b), "do not fit"),
+    ],
+    ids=["float64", "rank-above-limit", "mismatched-shapes"],
+)
+def test_bad_input_is_refused(change, needle):
+    (h, A, B, b), index, valid = _inputs(SHAPES[0], torch.float32)
+    h, A, B, b = change(h.detach(), A.detach(), B.detach(), b.detach())
+    with pytest.raises(ValueError, match=needle):
+        fused_low_rank_edit(h, index, valid, A, B, b)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        fused_low_rank_edit(h, index[:, :0], valid, A, B, b)
+
+
+def test_module_falls_back_to_reference_above_the_rank_limit():
+    (h, _, _, _), index, valid = _inputs(SHAPES[0], torch.float32)
+    A, B, b = torch.randn(MAX_RANK + 1, 48), torch.randn(MAX_RANK + 1, 48), torch.randn(MAX_RANK + 1)
+    torch.testing.assert_close(FusedLowRankEdit()(h, index, valid, A, B, b), low_rank_edit_reference(h, index, valid, A, B, b))
+
+
+@pytest.mark.parametrize("name", ["loreft", "direft", "noreft"])
+def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
+    from reft_lab.config import compose
+    from reft_lab.data.batching import PromptEncoder, encode_examples
+    from reft_lab.data.tasks import load_task
+    from reft_lab.methods import attach
+    from reft_lab.models import load_model
+    from reft_lab.train import RunSettings, seed_everything, train
+
+    losses = {}
+    for impl in ("eager", "triton"):
+        settings = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", f"method={name}", f"method.impl={impl}",
+                                                 "method.layers=[1,3]", "method.rank=2", "task.train_size=12"]))
+        seed_everything(0)
+        loaded = load_model(settings.model)
+        tuned = attach(loaded.model, settings.method)
+        encoder = PromptEncoder(loaded.tokenizer)
+
+        class Record:
+            values = []
+
+            def log(self, step, v):
+                self.values.append(v["loss"])
+
+        record = Record()
+        train(tuned, encode_examples(encoder, load_task(settings.task).train), settings, encoder.pad_id, record)
+        losses[impl] = record.values
+    assert losses["triton"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+
+
+def test_impl_triton_errors_where_the_kernel_cannot_run(tiny, monkeypatch):
+    from reft_lab.errors import ConfigError
+    from reft_lab.methods import attach
+
+    with pytest.raises(ConfigError, match="method.impl"):
+        attach(tiny().model, {"name": "loreft", "impl": "triton", "dropout": 0.1})
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ConfigError, match="needs CUDA"):
+            attach(tiny().model, {"name": "loreft", "impl": "triton"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES, ids=["fp32", "bf16", "fp16"])
+def test_gpu_large_shape(dtype, atol, rtol):
+    shape = (8, 512, 4096, 16, torch.randint(0, 512, (8, 32)).tolist(), [[True] * 32] * 8)
+    (h, A, B, b), index, valid = _inputs(shape, dtype)
+    index = torch.stack([torch.randperm(512, device=DEVICE)[:32] for _ in range(8)])
+    out = fused_low_rank_edit(h, index, valid, A, B, b)
+    torch.testing.assert_close(out, low_rank_edit_reference(h, index, valid, A, B, b), atol=atol, rtol=rtol)
+
+
+def test_in_place_on_a_layer_output_keeps_gradients_exact():
+    """Inside a model the hidden state is a non-leaf: it is edited in place (selected rows only)."""
+    (x, A, B, b), index, valid = _inputs(SHAPES[3], torch.float32)
+    hidden = x * 1.0
+    out = fused_low_rank_edit(hidden, index, valid, A, B, b)
+    assert out.data_ptr() == hidden.data_ptr()
+    ref = low_rank_edit_reference(x * 1.0, index, valid, A, B, b)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    for got, want in zip(torch.autograd.grad(out, (x, A, B, b), grad), torch.autograd.grad(ref, (x, A, B, b), grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
