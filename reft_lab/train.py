@@ -548,7 +548,10 @@ def _hydra_main(cfg: DictConfig) -> float:
         raise
     if metrics is None:  # a non-main torchrun process: rank 0 reports
         return float("nan")
-    return float(lookup(metrics, cfg.optimized_metric))
+    value = float(lookup(metrics, cfg.optimized_metric))
+    if not math.isfinite(value) and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+        raise TrialFailed(f"{cfg.optimized_metric} is {value}")  # a failure for the search, not a result
+    return value
 
 
 def run_hydra(args: list[str]) -> int:

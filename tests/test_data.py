@@ -31,5 +31,7 @@ def test_arithmetic_scorer_and_formats():
     ex = Example("What is 2 + 3?", "5", ["5"])
     assert score_arithmetic("5", ex) == {"exact_match": 1.0, "number_match": 1.0}
     assert score_arithmetic("The answer is 5.", ex) == {"exact_match": 0.0, "number_match": 1.0}
+    assert score_arithmetic("2 + 3 = 5", ex)["number_match"] == 1.0  # the result, not an operand
+    assert score_arithmetic("2 + 3 = 6", ex)["number_match"] == 0.0
     assert looks_like_json(' {"answer"') and not looks_like_json("Sure: {")
     assert looks_like_bare_number(" -12 ") and not looks_like_bare_number("12 apples")
