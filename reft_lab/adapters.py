@@ -20,8 +20,8 @@ from reft_lab import __version__
 from reft_lab.accounting import ADAPTER_METADATA, fingerprint
 from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.io import atomic_write, atomic_write_json
-from reft_lab.methods import METHODS, ReftModel, TunedModel, attach, method_config
-from reft_lab.methods.reft import ReftConfig, intervention_key
+from reft_lab.methods import ReftModel, TunedModel, attach, method_config
+from reft_lab.methods.reft import intervention_key
 from reft_lab.models.layers import hidden_size
 
 CONFIG_FILE = "adapter_config.json"
@@ -212,4 +212,4 @@ def import_pyreft(model: torch.nn.Module, directory: str | Path, positions: str,
     return tuned
 
 
-__all__ = ["export_pyreft", "import_pyreft", "load_adapter", "read_adapter_config", "save_adapter", "METHODS"]
+__all__ = ["export_pyreft", "import_pyreft", "load_adapter", "read_adapter_config", "save_adapter"]

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from reft_lab.cli import main
 from reft_lab.config import compose

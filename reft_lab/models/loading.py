@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from reft_lab.errors import ConfigError, ModelLoadError, config_error
+from reft_lab.errors import ModelLoadError, config_error
 from reft_lab.models.tiny import TINY_ARCHITECTURES, byte_tokenizer, tiny_model
 
 log = logging.getLogger(__name__)
@@ -211,4 +211,4 @@ def _convert_gguf(source: Path, gguf_file: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-__all__ = ["ConfigError", "LoadedModel", "ModelConfig", "load_model", "embedded_model_dir", "cache_dir"]
+__all__ = ["LoadedModel", "ModelConfig", "load_model", "model_config_only", "embedded_model_dir", "cache_dir"]
