@@ -410,8 +410,7 @@ def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict | None:
         base_lp = base_logprobs(base, suite, base_results)
     distributed.barrier(dist_info)
 
-    tuned = attach(loaded.model, settings.method, loaded.name)
-    tuned.base_fingerprint = fingerprint_before
+    tuned = attach(loaded.model, settings.method, loaded.name, base_fingerprint=fingerprint_before)
     name = out.name
     tags = [settings.method.name, task.name, f"seed{settings.seed}"]
     logger = make_logger(settings.logger, out, name, group, tags, config) if dist_info.main else NullLogger()

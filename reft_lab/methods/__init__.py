@@ -47,14 +47,15 @@ def method_config(raw: dict | MethodConfig) -> MethodConfig:
     return build_section(METHODS[name].config, raw, "method")
 
 
-def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "") -> TunedModel:
+def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "", base_fingerprint: str | None = None) -> TunedModel:
     """Attach a method to a loaded model; the base's size (and, for methods that train base
-    weights, its fingerprint) is taken before the method touches it."""
+    weights, its fingerprint, unless the caller already has it) is taken before the method touches it."""
     from reft_lab.accounting import count_parameters, fingerprint
 
     config = method_config(config)
     base_params = count_parameters(model)
-    base_fingerprint = fingerprint(model) if config.name == "full" else None
+    if base_fingerprint is None and config.name == "full":
+        base_fingerprint = fingerprint(model)
     tuned = METHODS[config.name].attach(model, config)
     tuned.base_params, tuned.base_name, tuned.base_fingerprint = base_params, base_name, base_fingerprint
     return tuned.eval()  # deterministic until the trainer calls .train()
