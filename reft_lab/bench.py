@@ -77,7 +77,7 @@ def make_step(provider: str, model_name: str):
             if cache is None:
                 loss = response_loss(tuned, batch)
             else:
-                with cache.around(keys, lengths, PROMPT + RESPONSE, torch.float32, device):
+                with cache.around(keys, lengths, PROMPT + RESPONSE, device):
                     loss = response_loss(tuned, batch)
             loss.backward()
             optimizer.step()
@@ -194,19 +194,14 @@ def measure_memory(provider: str, model_name: str, steps: int) -> int:
 
 
 def versions() -> dict:
-    import peft
-    import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
-    from reft_lab import __version__
+    from reft_lab.train import versions as run_versions
 
-    out = {"reft_lab": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-           "peft": peft.__version__, "python": platform.python_version()}
+    out = run_versions()
     try:
-        import pyreft  # noqa: F401
-        from importlib.metadata import version
-
         out["pyreft"] = version("pyreft")
-    except ImportError:
+    except PackageNotFoundError:
         pass
     return out
 

@@ -39,6 +39,7 @@ class PrefixCache:
             self.clear()
             self.identity = identity
         self.blocks = decoder_layers(model)[:layer]
+        self.model_dtype = next(model.parameters()).dtype  # cached states are handed on in this dtype
 
     def clear(self) -> None:
         self.memory.clear()
@@ -70,7 +71,7 @@ class PrefixCache:
             self.on_disk.add(key)
 
     @contextmanager
-    def around(self, keys: list[str], lengths: list[int], width: int, dtype: torch.dtype, device):
+    def around(self, keys: list[str], lengths: list[int], width: int, device):
         """Wrap one forward pass of a left-padded batch (row b holds ``lengths[b]`` tokens)."""
         if not self.blocks:
             yield
@@ -78,9 +79,9 @@ class PrefixCache:
         cached = [self._get(k, device) for k in keys]
         if all(c is not None for c in cached):
             self.hits += 1
-            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=dtype, device=device)
+            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=self.model_dtype, device=device)
             for row, (h, n) in enumerate(zip(cached, lengths)):
-                hidden[row, width - n:] = h.to(dtype)
+                hidden[row, width - n:] = h.to(self.model_dtype)
             originals = [block.forward for block in self.blocks]
             for block in self.blocks:  # every skipped layer hands on the cached state
                 block.forward = lambda *args, **kwargs: hidden

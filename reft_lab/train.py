@@ -42,7 +42,7 @@ from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate
 from reft_lab.loggers import LoggerConfig, NullLogger, make_logger
 from reft_lab.methods import MethodConfig, ReftModel, TunedModel, attach, method_config
 from reft_lab.methods.weights import NoneConfig
-from reft_lab.metrics import SCHEMA, lookup, write_metrics
+from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
 from reft_lab.models.loading import DTYPES, model_config_only
 from reft_lab.prefix_cache import PrefixCache
@@ -118,9 +118,9 @@ class RunSettings:
         numeric = [k for k, (types, _, _) in SCHEMA.items() if float in types or int in types]
         if not isinstance(metric, str) or not (metric in numeric or metric.startswith("retention.")):
             raise config_error("optimized_metric", metric, f"a numeric metrics.json key ({', '.join(numeric)}) or retention.<metric>.after")
-        if metric.startswith("retention.") and lookup({"retention": {m: {"before": 0, "after": 0} for m in
-                                                      ("knowledge_accuracy", "knowledge_retention", "kl_drift", "leakage")}}, metric) is None:
-            raise config_error("optimized_metric", metric, "retention.<knowledge_accuracy|knowledge_retention|kl_drift|leakage>.<before|after>")
+        retention_keys = {f"retention.{m}.{when}" for m in RETENTION_METRICS for when in ("before", "after")}
+        if metric.startswith("retention.") and metric not in retention_keys:
+            raise config_error("optimized_metric", metric, f"retention.<{'|'.join(RETENTION_METRICS)}>.<before|after>")
         sections, problems = {}, []
         for name, build in (("model", lambda: build_section(ModelConfig, cfg.model, "model")),
                             ("method", lambda: method_config(cfg.method)),
@@ -246,7 +246,12 @@ class TrialFailed(ReftLabError):
 
 
 class Interrupted(ReftLabError):
-    """SIGTERM/SIGINT during training: a checkpoint was written; re-running the job resumes."""
+    """A stop signal during training: a checkpoint was written; re-running the job resumes."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved; "
+                         "re-run the same job directory to resume")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # USR2: SLURM's pre-timeout/preemption signal
@@ -273,7 +278,8 @@ def stop_signals():
 def config_fingerprint(settings: RunSettings) -> str:
     """What a checkpoint must match to be resumed (not logging or checkpoint cadence)."""
     trainer = {k: v for k, v in asdict(settings.trainer).items()
-               if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "eval_batch_size")}
+               if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "eval_batch_size",
+                            "gradient_checkpointing", "prefix_cache_gb", "prefix_cache_spill")}
     payload = {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
                "trainer": trainer, "seed": settings.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -318,17 +324,17 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
     with stop_signals() as (received, previous):
         for step in bar:
-            step_loss = 0.0
+            step_loss, step_tokens = 0.0, 0
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
                 with autocast, _cached(cache, batch, device):
                     loss = response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
-                progress.tokens += batch.n_tokens
+                step_tokens += batch.n_tokens
             if dist_info.world > 1:  # log the mean loss and all processes' tokens
-                step_loss, step_tokens = distributed.mean_and_sum(step_loss, batch.n_tokens * t.grad_accum, device)
-                progress.tokens += step_tokens - batch.n_tokens * t.grad_accum
+                step_loss, step_tokens = distributed.mean_and_sum(step_loss, step_tokens, device)
+            progress.tokens += step_tokens
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
@@ -348,8 +354,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
                 handler = previous.get(received[0])
                 if callable(handler) and handler is not signal.default_int_handler:
                     handler(received[0], None)  # e.g. submitit: requeue from this checkpoint
-                name = signal.Signals(received[0]).name
-                raise Interrupted(f"interrupted by {name} at step {progress.step}: checkpoint saved; re-run the same job directory to resume")
+                raise Interrupted(received[0], progress.step)
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
                 checkpoint()
     tuned.eval()
@@ -371,8 +376,7 @@ def _cached(cache: PrefixCache | None, batch: TrainBatch, device):
         return nullcontext()
     keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
     lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
-    dtype = next(p for p in cache.blocks.parameters()).dtype
-    return cache.around(keys, lengths, batch.input_ids.shape[1], dtype, device)
+    return cache.around(keys, lengths, batch.input_ids.shape[1], device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -520,12 +524,14 @@ def _hydra_main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    optuna_search = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
     torch.set_num_threads(threads_per_job(hc, cfg.get("threads")))
     group = Path(hc.sweep.dir).name if multirun else "single"
     done = _completed(out) if cfg.get("skip_completed", True) else None
     if done is not None:
         print(f"reft-lab train: {out} already has an ok metrics.json: skipped (skip_completed=false re-runs it)")
-        return float(lookup(done, cfg.optimized_metric) if lookup(done, cfg.optimized_metric) is not None else "nan")
+        value = lookup(done, cfg.optimized_metric)
+        return float("nan" if value is None else value)
     main_process = int(os.environ.get("RANK", "0")) == 0
     try:
         _check_writable(out)
@@ -537,8 +543,8 @@ def _hydra_main(cfg: DictConfig) -> float:
         _record_failure(f"{out}: {failed['error']}")
         print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
         if isinstance(err, Interrupted):
-            raise SystemExit(128 + (signal.SIGINT if "SIGINT" in str(err) else signal.SIGTERM)) from None
-        if multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+            raise SystemExit(128 + err.signum) from None
+        if optuna_search:
             raise TrialFailed(failed["error"]) from None  # the optuna sweeper records a FAIL trial
         if multirun:
             return float("nan")
@@ -548,7 +554,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     if metrics is None:  # a non-main torchrun process: rank 0 reports
         return float("nan")
     value = float(lookup(metrics, cfg.optimized_metric))
-    if not math.isfinite(value) and "optuna" in str(hc.sweeper.get("_target_", "")).lower():
+    if not math.isfinite(value) and optuna_search:
         raise TrialFailed(f"{cfg.optimized_metric} is {value}")  # a failure for the search, not a result
     return value
 

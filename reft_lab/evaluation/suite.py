@@ -84,7 +84,7 @@ class Suite:
         ids = generate(model, self.encoder, prompts, tokens, self.cfg.batch_size, desc)
         return [self.encoder.decode(x) for x in ids]
 
-    def task_and_leakage(self, model: TunedModel, phase: str):
+    def run_prompts(self, model: TunedModel, phase: str):
         outputs = self.texts(model, self.task_prompts, self.task.max_new_tokens, f"task ({phase})")
         probe = self.texts(model, self.probe_prompts, PROBE_TOKENS, f"knowledge probe ({phase})")
         correct = [_contains_answer(o, q["answers"]) for o, q in zip(probe, self.probe)]
@@ -113,7 +113,7 @@ def evaluate_base(base: TunedModel, suite: Suite, fingerprint: str | None) -> Ba
             return BaseResults(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError):
             pass  # unreadable cache entry: recompute and overwrite
-    outputs, scores, correct, leaks = suite.task_and_leakage(base, "base")
+    outputs, scores, correct, leaks = suite.run_prompts(base, "base")
     continuations = generate(base, suite.encoder, suite.kl_prompts, suite.cfg.kl_tokens, suite.cfg.batch_size, "KL continuations (base)")
     results = BaseResults(outputs, scores, correct, leaks, continuations)
     if path is not None:
@@ -126,7 +126,7 @@ def base_logprobs(base: TunedModel, suite: Suite, results: BaseResults) -> list[
 
 
 def evaluate_tuned(tuned: TunedModel, suite: Suite, base: BaseResults, base_lp: list[torch.Tensor]) -> dict:
-    outputs, scores, correct, leaks = suite.task_and_leakage(tuned, "tuned")
+    outputs, scores, correct, leaks = suite.run_prompts(tuned, "tuned")
     tuned_lp = continuation_logprobs(tuned, suite.encoder, suite.kl_prompts, base.kl_continuations, suite.cfg.batch_size)
     kl_sum, n_tokens = 0.0, 0
     for p, q in zip(base_lp, tuned_lp):
