@@ -21,6 +21,7 @@ from reft_lab.accounting import ADAPTER_METADATA, fingerprint
 from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.io import atomic_write, atomic_write_json
 from reft_lab.methods import ReftModel, TunedModel, attach, method_config
+from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.reft import intervention_key
 from reft_lab.models.layers import hidden_size
 
@@ -72,19 +73,22 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
+def _check_base(directory: Path, recorded: dict, actual: str | None) -> None:
+    if recorded.get("fingerprint") and actual is not None and actual != recorded["fingerprint"]:
+        raise AdapterError(
+            f"adapter {directory} was trained on base {recorded.get('name_or_path')!r} "
+            f"(fingerprint {recorded['fingerprint'][:12]}); this model's fingerprint is {actual[:12]}: "
+            "load it onto the same base model"
+        )
+
+
 def load_adapter(model: torch.nn.Module, directory: str | Path, base_name: str = "", check_base: bool = True) -> TunedModel:
     """Attach the saved method to ``model`` (the untouched base) and load its weights."""
     directory = Path(directory)
     config = read_adapter_config(directory)
     recorded = config.get("base", {})
-    if check_base and recorded.get("fingerprint"):
-        actual = fingerprint(model)
-        if actual is not None and actual != recorded["fingerprint"]:
-            raise AdapterError(
-                f"adapter {directory} was trained on base {recorded.get('name_or_path')!r} "
-                f"(fingerprint {recorded['fingerprint'][:12]}); this model's fingerprint is {actual[:12]}: "
-                "load it onto the same base model"
-            )
+    if check_base:
+        _check_base(directory, recorded, fingerprint(model))
     try:
         state = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as err:
@@ -96,6 +100,42 @@ def load_adapter(model: torch.nn.Module, directory: str | Path, base_name: str =
         raise AdapterError(f"adapter {directory}: {err}") from err
     tuned.base_fingerprint = recorded.get("fingerprint")
     return tuned
+
+
+BANK_LAYOUT = ("layers", "positions", "tied", "rank")  # what K adapters served together must share
+
+
+def load_adapter_bank(model: torch.nn.Module, directories: list[str | Path], base_name: str = "") -> ReftModel:
+    """Serve several ReFT adapters of one base model and one layout at once: the returned model's
+    ``generate``/``forward`` take ``adapter_ids`` and edit row i with adapter ``adapter_ids[i]``
+    (one pass for a batch mixing many users' adapters). LoReFT, NoReFT and DiReFT adapters mix: each
+    is stacked as its low-rank factors. Inference only."""
+    if not directories:
+        raise AdapterError("no adapter directories given")
+    configs = [read_adapter_config(d) for d in directories]
+    first = configs[0]["method"]
+    for directory, config in zip(directories, configs):
+        if config["method"]["name"] not in INTERVENTIONS:
+            raise AdapterError(f"adapter {directory}: method {config['method']['name']!r} is not a ReFT method; "
+                               "only ReFT adapters can be served together")
+        for key in BANK_LAYOUT:
+            if config["method"].get(key) != first.get(key):
+                raise AdapterError(f"adapter {directory}: method.{key} is {config['method'].get(key)!r}, but "
+                                   f"{directories[0]} has {first.get(key)!r}; adapters served together share {', '.join(BANK_LAYOUT)}")
+    actual = fingerprint(model)
+    factor_sets = []
+    for directory, config in zip(directories, configs):
+        _check_base(directory, config.get("base", {}), actual)
+        tuned = load_adapter(model, directory, base_name, check_base=False)
+        with torch.no_grad():
+            factor_sets.append({key: intervention.factors() for key, intervention in tuned.interventions.items()})
+        tuned.remove_hooks()
+    dtypes = {factors[0].dtype for fs in factor_sets for factors in fs.values()}
+    if len(dtypes) > 1:
+        raise AdapterError(f"adapters {[str(d) for d in directories]} mix parameter dtypes {sorted(map(str, dtypes))}: save them in one dtype")
+    served = attach(model, first, base_name=base_name or configs[0].get("base", {}).get("name_or_path", ""), base_fingerprint=actual)
+    served.serve(factor_sets)
+    return served.eval()
 
 
 # --- pyreft layout ---------------------------------------------------------------------------

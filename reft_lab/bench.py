@@ -4,8 +4,10 @@ Reference config A: SmolLM2-135M-Instruct, fp32, batch 8, prompt 48 + response 1
 the response only), LoReFT rank 4 at layers 6, 12, 18, 24, positions f3+l3 untied; LoRA rank 8,
 alpha 16 on q_proj and v_proj; AdamW. Step time: the providers run interleaved round by round in
 one process (the machine's drift hits all alike), median/p20/p80 over the rounds after warm-up.
-Peak memory: each provider in a fresh subprocess, peak RSS during its steps minus RSS before them
-(CPU; CUDA: max_memory_allocated). Writes a JSON record and CSV rows under experiments/bench/.
+Peak memory: each provider in a fresh subprocess, after one warm-up step, the peak of live memory
+during its steps minus the memory before them (CPU: RSS with glibc returning every large block on
+free, see ``measure_memory``; CUDA: max_memory_allocated). Writes a JSON record and CSV rows under
+experiments/bench/.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from reft_lab.data.batching import EncodedExample, collate_train
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
-PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "pyreft_loreft", "peft_lora", "reft_lab_lora"]
+PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "pyreft_loreft", "peft_lora", "reft_lab_lora"]
 
 
 def _model(name: str):
@@ -60,6 +62,10 @@ def make_step(provider: str, model_name: str):
         tuned = attach(model, cfg)
         if provider.endswith("ckpt"):
             tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if provider.endswith("compiled"):
+            from reft_lab.models.layers import compiled_layers
+
+            compiled_layers(tuned.base_model).__enter__()  # compiled for the life of this benchmark process
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
         cache = None
@@ -156,7 +162,14 @@ def gc_tensors():
     """Every live CPU tensor with storage (the model's parameters and buffers among them)."""
     import gc
 
-    return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.numel() > 0]
+    tensors = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and obj.numel() > 0:
+                tensors.append(obj)
+        except ReferenceError:  # a dead weak proxy (torch.compile leaves some behind)
+            pass
+    return tensors
 
 
 def _rss_bytes() -> int:
@@ -172,10 +185,22 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+MEMORY_METHOD = "live_after_warmup"  # rows before it: "rss_hwm" (heap high-water mark, no warm-up step)
+
+
 def measure_memory(provider: str, model_name: str, steps: int) -> int:
-    """Extra memory of training steps, in this (fresh) process. Weights load memory-mapped: they are
-    read once first, so their pages are resident before the baseline and not counted as training."""
+    """Peak extra memory of training steps, in this (fresh) process, after one warm-up step
+    (optimizer state, lazy initialisation and compilation are not training-step memory).
+
+    CPU: the process must start with ``LIVE_MEMORY_ENV``: glibc then serves every allocation of
+    ≥ 64 KiB from its own mapping and returns it on free, so peak RSS follows live tensor bytes (as
+    CUDA's max_memory_allocated does) instead of the heap's high-water mark, which depends on the
+    allocator's history. Weights load memory-mapped: they are read once first, so their pages are
+    resident before the baseline and not counted as training.
+    """
     step = make_step(provider, model_name)
+    step()
     with torch.no_grad():
         for obj in gc_tensors():
             obj.sum()
@@ -185,6 +210,8 @@ def measure_memory(provider: str, model_name: str, steps: int) -> int:
         for _ in range(steps):
             step()
         return int(torch.cuda.max_memory_allocated() - before)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != LIVE_MEMORY_ENV["MALLOC_MMAP_THRESHOLD_"]:
+        raise RuntimeError(f"measure CPU memory in a process started with {LIVE_MEMORY_ENV} (reft-lab bench does this)")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS counter to the current RSS
     before = _rss_bytes()
@@ -233,20 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     for provider in opts.providers:
         proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", "--model", opts.model, "--memory-only", provider,
                                "--memory-steps", str(opts.memory_steps), "--layers", *map(str, LAYERS)],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, check=True, env={**os.environ, **LIVE_MEMORY_ENV})
         memory[provider] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
               "config": {"model": opts.model, "batch": BATCH, "prompt": PROMPT, "response": RESPONSE, "layers": LAYERS,
-                         "rank": RANK, "positions": f"f{FIRST}+l{LAST}", "warmup": opts.warmup, "steps": opts.steps},
+                         "rank": RANK, "positions": f"f{FIRST}+l{LAST}", "warmup": opts.warmup, "steps": opts.steps,
+                         "memory_method": MEMORY_METHOD},
               "providers": {p: {"median_s": statistics.median(times[p]), "p20_s": _quantile(times[p], 0.2),
                                 "p80_s": _quantile(times[p], 0.8), "peak_train_bytes": memory[p]} for p in opts.providers}}
     ratios = {}
     med = {p: v["median_s"] for p, v in record["providers"].items()}
-    for ours in ("reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt"):
+    ours_loreft = [p for p in PROVIDERS if p.startswith("reft_lab_loreft")]
+    for ours in ours_loreft:
         for peer in ("pyreft_loreft", "peft_lora"):
             if ours in med and peer in med:
                 ratios[f"{ours}/{peer}_step"] = med[ours] / med[peer]
-    for ours in ("reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt"):
+    for ours in ours_loreft:
         if ours in memory and "pyreft_loreft" in memory:
             ratios[f"{ours}/pyreft_loreft_memory"] = memory[ours] / memory["pyreft_loreft"]
     if "reft_lab_lora" in med and "peft_lora" in med:
@@ -259,9 +288,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(opts.out / "train_step.csv", "a", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["date", "machine", "provider", "median_s", "p20_s", "p80_s", "peak_train_bytes", "torch", "transformers", "peft"])
+            writer.writerow(["date", "machine", "provider", "median_s", "p20_s", "p80_s", "peak_train_bytes", "torch", "transformers", "peft",
+                             "memory_method"])
         for p, v in record["providers"].items():
             writer.writerow([record["date"], record["machine"], p, f"{v['median_s']:.4f}", f"{v['p20_s']:.4f}", f"{v['p80_s']:.4f}",
-                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"]])
+                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"], MEMORY_METHOD])
     print(json.dumps({"machine": record["machine"], "providers": record["providers"], "ratios": ratios}, indent=2))
     return 0

@@ -16,7 +16,7 @@ commands:
   train  [overrides] [-m]   train and evaluate one job, or a multirun sweep (Hydra)
   params [overrides]        parameter accounting as JSON (works on meta-device configs)
   report <dir> [<dir>...]   gather metrics.json files into report.md, report.csv, pareto.png
-  generate --adapter DIR PROMPT...   greedy answers of a saved adapter on its base model
+  generate --adapter DIR [--adapter DIR2 ...] PROMPT...   greedy answers of saved adapters on their base model
   bench [--providers ...]   training-step time and memory: reft_lab vs pyreft vs peft (config A)
 
 examples:
@@ -59,24 +59,33 @@ def report_command(args: list[str]) -> int:
 def generate_command(args: list[str]) -> int:
     import argparse
 
-    from reft_lab.adapters import load_adapter, read_adapter_config
+    from reft_lab.adapters import load_adapter, load_adapter_bank, read_adapter_config
     from reft_lab.data.batching import PromptEncoder
     from reft_lab.evaluation.generation import generate
     from reft_lab.models import ModelConfig, load_model
 
-    parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of a saved adapter.")
-    parser.add_argument("--adapter", required=True, help="directory written by a training job (…/adapter)")
-    parser.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
+    parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of saved adapters.")
+    parser.add_argument("--adapter", required=True, action="append",
+                        help="directory written by a training job (…/adapter); repeat it to answer every prompt with "
+                             "each adapter, in shared batches (ReFT adapters of one layout)")
+    parser.add_argument("--model", default=None, help="base model (default: the one recorded in the first adapter)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("prompts", nargs="+")
     opts = parser.parse_args(args)
-    recorded = read_adapter_config(opts.adapter)
+    recorded = read_adapter_config(opts.adapter[0])
     loaded = load_model(ModelConfig(name_or_path=opts.model or recorded["base"]["name_or_path"]))
-    tuned = load_adapter(loaded.model, opts.adapter, base_name=loaded.name)
     encoder = PromptEncoder(loaded.tokenizer)
-    outputs = generate(tuned, encoder, [encoder.prompt_ids(p) for p in opts.prompts], opts.max_new_tokens, 8, "generate")
-    for prompt, ids in zip(opts.prompts, outputs):
-        print(json.dumps({"prompt": prompt, "output": encoder.decode(ids)}, ensure_ascii=False))
+    prompts = [encoder.prompt_ids(p) for p in opts.prompts]
+    if len(opts.adapter) == 1:
+        model = load_adapter(loaded.model, opts.adapter[0], base_name=loaded.name)
+    else:  # one model serving every adapter: rows of one batch may use different adapters
+        model = load_adapter_bank(loaded.model, opts.adapter, base_name=loaded.name)
+    rows = [(k, text, ids) for k in range(len(opts.adapter)) for text, ids in zip(opts.prompts, prompts)]
+    outputs = generate(model, encoder, [ids for _, _, ids in rows], opts.max_new_tokens, opts.batch_size, "generate",
+                       adapter_ids=[k for k, _, _ in rows] if len(opts.adapter) > 1 else None)
+    for (k, prompt, _), ids in zip(rows, outputs):
+        print(json.dumps({"adapter": opts.adapter[k], "prompt": prompt, "output": encoder.decode(ids)}, ensure_ascii=False))
     return 0
 
 

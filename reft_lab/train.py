@@ -44,6 +44,7 @@ from reft_lab.methods import MethodConfig, ReftModel, TunedModel, attach, method
 from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
+from reft_lab.models.layers import compiled_layers
 from reft_lab.models.loading import DTYPES, model_config_only
 from reft_lab.prefix_cache import PrefixCache
 
@@ -62,6 +63,7 @@ class TrainerConfig:
     log_every: int = 1
     group_by_length: bool = False  # batches of similar length (less padding); changes the data order
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
+    compile: bool = False  # torch.compile each decoder block: fused pointwise ops, less memory; one cold compile
     prefix_cache: bool = False  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
     prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache
@@ -219,18 +221,21 @@ CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded me
 
 
 def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
-    """Mean cross-entropy over response tokens. Batches are left-padded, so every response ends at
-    the last position and the LM head runs on the last R + 1 positions only; the loss runs over
-    row chunks so no full fp32 copy of a large-vocabulary logit tensor is made."""
-    keep = batch.labels.shape[1] + 1
-    out = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits[:, -keep:-1].reshape(-1, out.logits.shape[-1])
-    labels = batch.labels.reshape(-1)
+    """Mean cross-entropy over response tokens. The LM head runs only on the positions whose next
+    token is supervised (a boolean ``logits_to_keep``: one contiguous [N, d] matmul, no logits for
+    prompt or padding), and the loss runs over row chunks so no full fp32 copy of a
+    large-vocabulary logit tensor is made."""
+    supervised = batch.labels != -100  # [B, R]: batches are left-padded, responses end at the last position
+    predicts = torch.zeros_like(batch.input_ids, dtype=torch.bool)
+    predicts[:, -supervised.shape[1] - 1:-1] = supervised  # the position before each response token
+    logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
+                   logits_to_keep=predicts, use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = batch.labels[supervised]
     rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
-    total = sum(F.cross_entropy(logits[i: i + rows].float(), labels[i: i + rows], ignore_index=-100, reduction="sum")
-                for i in range(0, len(labels), rows))
-    return total / (labels != -100).sum().clamp(min=1)
+    total = sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
+                for i in range(0, len(targets), rows))
+    return total / max(len(targets), 1)
 
 
 @dataclass
@@ -322,7 +327,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     start = time.perf_counter() - progress.elapsed_s
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
-    with stop_signals() as (received, previous):
+    with stop_signals() as (received, previous), compiled_layers(tuned.base_model) if t.compile else nullcontext():
         for step in bar:
             step_loss, step_tokens = 0.0, 0
             for _ in range(t.grad_accum):

@@ -101,3 +101,67 @@ def test_pyreft_saved_directory_imports_and_exports_for_pyreft(tiny, tmp_path):
         theirs_i.float()
     _, again = reloaded({"input_ids": ids}, unit_locations={"sources->base": (None, locations)})
     torch.testing.assert_close(again.logits, expected.logits, atol=5e-3, rtol=0)
+
+
+def _saved_reft(tiny, directory, method, seed):
+    loaded = tiny()
+    torch.manual_seed(seed)
+    tuned = attach(loaded.model, method, loaded.name)
+    _train_steps(tuned)
+    save_adapter(tuned, directory)
+    return directory
+
+
+BANK = {"layers": [1, 2], "positions": "f1+l2", "rank": 3}
+
+
+def test_adapter_bank_edits_each_row_with_its_adapter(tiny, batch, tmp_path):
+    from reft_lab.adapters import load_adapter_bank
+    from reft_lab.errors import ConfigError
+
+    dirs = [_saved_reft(tiny, tmp_path / "a", {"name": "loreft", **BANK}, 0),
+            _saved_reft(tiny, tmp_path / "b", {"name": "direft", **BANK}, 1),
+            _saved_reft(tiny, tmp_path / "c", {"name": "loreft", **BANK}, 2)]
+    ids, mask, lengths = batch
+    ids, mask, lengths = ids.repeat(2, 1), mask.repeat(2, 1), lengths.repeat(2)
+    adapter_ids = torch.tensor([2, 0, 1, 2])
+    served = load_adapter_bank(tiny().model, dirs)
+    with torch.no_grad():
+        logits = served(ids, attention_mask=mask, prompt_lengths=lengths, adapter_ids=adapter_ids).logits
+        generated = served.generate(ids, attention_mask=mask, adapter_ids=adapter_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        for k, directory in enumerate(dirs):
+            alone = load_adapter(tiny().model, directory)
+            rows = adapter_ids == k
+            want = alone(ids[rows], attention_mask=mask[rows], prompt_lengths=lengths[rows]).logits
+            torch.testing.assert_close(logits[rows], want, atol=1e-5, rtol=1e-5)
+            want_ids = alone.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=4, do_sample=False, pad_token_id=0)
+            n = want_ids.shape[1]  # alone, a row can stop (end of sequence) before the batch does
+            assert torch.equal(generated[rows][:, :n], want_ids) and not generated[rows][:, n:].any()
+        base = tiny().model(ids, attention_mask=mask).logits
+    assert not torch.allclose(logits, base, atol=1e-3), "the adapters must change the output"
+    with pytest.raises(ConfigError, match="pass adapter_ids"):
+        served(ids, attention_mask=mask)
+    with pytest.raises(ConfigError, match=r"in \[0, 2\]"):
+        served(ids, attention_mask=mask, adapter_ids=torch.tensor([0, 1, 3, 0]))
+
+
+def test_adapter_bank_refuses_mixed_layouts_and_other_methods(tiny, tmp_path):
+    from reft_lab.adapters import load_adapter_bank
+
+    a = _saved_reft(tiny, tmp_path / "a", {"name": "loreft", **BANK}, 0)
+    b = _saved_reft(tiny, tmp_path / "b", {"name": "loreft", **{**BANK, "layers": [0, 2]}}, 1)
+    with pytest.raises(AdapterError, match=r"method.layers is \[0, 2\]"):
+        load_adapter_bank(tiny().model, [a, b])
+    save_adapter(attach(tiny().model, {"name": "lora"}), tmp_path / "lora")
+    with pytest.raises(AdapterError, match="not a ReFT method"):
+        load_adapter_bank(tiny().model, [a, tmp_path / "lora"])
+
+
+def test_generate_cli_serves_several_adapters(tiny, tmp_path, capsys):
+    from reft_lab.cli import main
+
+    dirs = [str(_saved_reft(tiny, tmp_path / name, {"name": "loreft", **BANK}, seed)) for seed, name in enumerate("ab")]
+    assert main(["generate", "--model", "tiny:llama", "--adapter", dirs[0], "--adapter", dirs[1], "--max-new-tokens", "3",
+                 "hello", "what is 2+2?"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [(line["adapter"], line["prompt"]) for line in lines] == [(d, p) for d in dirs for p in ("hello", "what is 2+2?")]

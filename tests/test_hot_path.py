@@ -70,6 +70,28 @@ def test_gradient_checkpointing_equal_losses_and_gradients(tiny, method):
         torch.testing.assert_close(grad, results[1][1][name], atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_layers_equal_losses_and_gradients(tiny):
+    from reft_lab.models.layers import compiled_layers, decoder_layers
+
+    batches = [collate_train(_examples(lengths, seed), 0) for seed, lengths in enumerate([[(7, 3), (9, 5)], [(12, 4), (5, 2)]])]
+    results = []
+    for compiled in (False, True):
+        tuned = _fresh(tiny, {"name": "loreft", "layers": [1, 2]})
+        with compiled_layers(tuned.base_model) if compiled else torch.enable_grad():
+            for batch in batches:  # two padded shapes: the second is a recompile, not a stale graph
+                loss = response_loss(tuned, batch)
+                loss.backward()
+                results.append((compiled, loss.detach(), _grads(tuned)))
+                tuned.zero_grad()
+        assert all("forward" not in block.__dict__ for block in decoder_layers(tuned.base_model)), "compile left behind"
+    plain, fused = [r for r in results if not r[0]], [r for r in results if r[0]]
+    for (_, loss_p, grads_p), (_, loss_c, grads_c) in zip(plain, fused):
+        torch.testing.assert_close(loss_c, loss_p, atol=1e-5, rtol=1e-5)
+        for name, grad in grads_p.items():
+            torch.testing.assert_close(grads_c[name], grad, atol=1e-5, rtol=1e-4)
+
+
 def test_prefix_cache_equal_losses_and_gradients(tiny):
     examples = _examples([(7, 3), (9, 5), (4, 2), (6, 4)])
     first, second = collate_train(examples[:2] + examples[2:3], 0), collate_train([examples[2], examples[0], examples[1]], 0)
@@ -152,3 +174,20 @@ def test_length_grouped_batches_are_a_sorted_permutation():
     assert lengths == sorted(lengths, reverse=True)  # one window (50 batches) covers all 30
     batch = next(grouped)
     assert batch.input_ids.shape[1] == max(len(e.prompt) + 2 for e in data)
+
+
+def test_continuation_logprobs_equal_full_logits(tiny):
+    from reft_lab.data.batching import PromptEncoder, left_pad
+    from reft_lab.evaluation.generation import continuation_logprobs
+
+    loaded = tiny()
+    tuned = attach(loaded.model, {"name": "loreft", "layers": [1]}).eval()
+    examples = _examples([(7, 3), (9, 5), (4, 1), (6, 4)])
+    prompts, continuations = [e.prompt for e in examples], [e.response for e in examples]
+    got = continuation_logprobs(tuned, PromptEncoder(loaded.tokenizer), prompts, continuations, batch_size=3)
+    for prompt, continuation, logprobs in zip(prompts, continuations, got):
+        ids, mask = left_pad([prompt + continuation], 0)
+        with torch.no_grad():
+            logits = tuned(ids, attention_mask=mask, prompt_lengths=torch.tensor([len(prompt)]), use_cache=False).logits
+        expected = torch.log_softmax(logits[0, -len(continuation) - 1:-1].float(), -1)
+        torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)

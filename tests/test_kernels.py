@@ -88,6 +88,41 @@ def test_module_falls_back_to_reference_above_the_rank_limit():
     torch.testing.assert_close(FusedLowRankEdit()(h, index, valid, A, B, b), low_rank_edit_reference(h, index, valid, A, B, b))
 
 
+def _stacked(shape, dtype, k, seed=0):
+    """K adapters' factors stacked: A, B [K, r, d], b [K, r]."""
+    factors = [_inputs(shape, dtype, seed + i)[0][1:] for i in range(k)]
+    return [torch.stack([f[j].detach() for f in factors]) for j in range(3)]
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES, ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES[1:], ids=["d576-edges-padded", "d50-rank32", "rank7"])
+def test_per_row_adapters_match_reference_and_single_adapters(dtype, atol, rtol, shape):
+    (h, _, _, _), index, valid = _inputs(shape, dtype)
+    h = h.detach()
+    A, B, b = _stacked(shape, dtype, k=3)
+    adapter = torch.tensor([2, 0, 1][: h.shape[0]], device=DEVICE)
+    with torch.no_grad():
+        out = fused_low_rank_edit(h.clone(), index, valid, A, B, b, adapter)
+        torch.testing.assert_close(out, low_rank_edit_reference(h, index, valid, A, B, b, adapter), atol=atol, rtol=rtol)
+        for row, k in enumerate(adapter.tolist()):  # each row as if its adapter were served alone
+            alone = fused_low_rank_edit(h[row: row + 1].clone(), index[row: row + 1], valid[row: row + 1], A[k], B[k], b[k])
+            torch.testing.assert_close(out[row: row + 1], alone, atol=atol, rtol=rtol)
+
+
+def test_per_row_adapters_refuse_bad_ids_and_gradients():
+    (h, _, _, _), index, valid = _inputs(SHAPES[3], torch.float32)
+    A, B, b = _stacked(SHAPES[3], torch.float32, k=2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            fused_low_rank_edit(h.detach(), index, valid, A, B, b, torch.tensor([0, 2]))
+        with pytest.raises(ValueError, match="one per batch row"):
+            fused_low_rank_edit(h.detach(), index, valid, A, B, b, torch.tensor([0]))
+        with pytest.raises(ValueError, match=r"A, B \[K, r, d\]"):
+            fused_low_rank_edit(h.detach(), index, valid, A[0], B[0], b[0], torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="inference-only"):
+        fused_low_rank_edit(h, index, valid, A, B, b, torch.tensor([0, 1]))
+
+
 @pytest.mark.parametrize("name", ["loreft", "direft", "noreft"])
 def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
     from reft_lab.config import compose
@@ -116,6 +151,24 @@ def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
         train(tuned, encode_examples(encoder, load_task(settings.task).train), settings, encoder.pad_id, record)
         losses[impl] = record.values
     assert losses["triton"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+
+
+def test_served_adapters_give_the_same_logits_with_triton_and_eager(tiny, batch, tmp_path):
+    from reft_lab.adapters import load_adapter_bank, save_adapter
+    from reft_lab.methods import attach
+
+    dirs = []
+    for k, name in enumerate(["loreft", "direft"]):
+        torch.manual_seed(k)
+        dirs.append(save_adapter(attach(tiny().model, {"name": name, "layers": [1, 3], "rank": 2}), tmp_path / name))
+    ids, mask, lengths = batch
+    logits = {}
+    for impl in ("eager", "triton"):
+        served = load_adapter_bank(tiny().model, dirs)
+        served.config.impl = impl
+        with torch.no_grad():
+            logits[impl] = served(ids, attention_mask=mask, prompt_lengths=lengths, adapter_ids=torch.tensor([1, 0])).logits
+    torch.testing.assert_close(logits["triton"], logits["eager"], atol=1e-5, rtol=1e-5)
 
 
 def test_impl_triton_errors_where_the_kernel_cannot_run(tiny, monkeypatch):

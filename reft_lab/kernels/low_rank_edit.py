@@ -9,6 +9,10 @@ chip, fp32), write h + Bᵀz once; save the original rows and z for backward. Ba
 u = B dy, dh = dy + Aᵀu (rows not selected pass dy through), and per-block partial sums of
 dA = Σ u hᵀ, dB = Σ z dyᵀ, db = Σ u, reduced by torch. Autograd carries dA, dB to W, R (and
 through R's orthonormalisation) outside the kernel.
+
+Per-row adapter selection (inference): with K stacked adapters, A, B are [K, r, d] and each
+selected row reads the factors of its batch row's adapter, so one launch serves a batch that mixes
+many users' adapters on one base model.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ MAX_HIDDEN = 16384  # one row is held on chip: next_power_of_2(d) elements
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def low_rank_edit_reference(hidden, index, valid, A, B, b):
-    """Eager reference: gather, Δ = (hA ᵀ + b) B, mask, scatter-add (out of place)."""
+def low_rank_edit_reference(hidden, index, valid, A, B, b, adapter=None):
+    """Eager reference: gather, Δ = (hAᵀ + b) B, mask, scatter-add (out of place). With ``adapter``
+    ([batch] ids), A, B are [K, r, d] and b [K, r]: batch row i uses adapter ``adapter[i]``."""
     idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     rows = hidden.gather(1, idx).float()
-    delta = (rows @ A.float().T + b.float()) @ B.float()
+    if adapter is None:
+        delta = (rows @ A.float().T + b.float()) @ B.float()
+    else:
+        A, B, b = A[adapter].float(), B[adapter].float(), b[adapter].float()  # [batch, r, d], [batch, r]
+        delta = (rows @ A.transpose(1, 2) + b[:, None]) @ B
     delta = delta * valid.unsqueeze(-1)
     return hidden.scatter_add(1, idx, delta.to(hidden.dtype))
 
@@ -60,23 +69,33 @@ def _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, n_rows, d,
-              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SAVE: tl.constexpr):
+def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
+              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SAVE: tl.constexpr,
+              MULTI: tl.constexpr):
     pid = tl.program_id(0)
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
     ptrs = H + row[:, None] * d + cols[None, :]
     h = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # accumulate in fp32
     if SAVE:  # only when a gradient will be asked for
         tl.store(SAVED + m[:, None] * d + cols[None, :], h, mask=mask)
+    if MULTI:  # each selected row's adapter: factor rows are read per row (from cache) instead of once
+        ad = tl.load(ADAPTER + m, mask=live, other=0)
+        factor = ad[:, None] * RANK * d + cols[None, :]
     delta = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k in tl.static_range(RANK):
-        a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
-        b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
-        z_k = tl.sum(h * a_k[None, :], axis=1) + tl.load(BIAS + k).to(tl.float32)  # z = A h + b
+        if MULTI:
+            a_k = tl.load(A + factor + k * d, mask=mask, other=0.0).to(tl.float32)
+            b_k = tl.load(B + factor + k * d, mask=mask, other=0.0).to(tl.float32)
+            bias_k = tl.load(BIAS + ad * RANK + k, mask=live, other=0.0)
+        else:
+            a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            bias_k = tl.load(BIAS + k)
+        z_k = tl.sum(h * a_k, axis=1) + bias_k.to(tl.float32)  # z = A h + b
         z_k = tl.where(live, z_k, 0.0)
         if SAVE:
             tl.store(Z + m * RANK + k, z_k, mask=m < n_rows)
-        delta += z_k[:, None] * b_k[None, :]  # Δ = Bᵀ z
+        delta += z_k[:, None] * b_k  # Δ = Bᵀ z
     tl.store(ptrs, (h + delta).to(H.dtype.element_ty), mask=mask)
 
 
@@ -126,8 +145,8 @@ class _FusedEdit(torch.autograd.Function):
         saved = torch.empty(n_rows if save else 0, d, dtype=torch.float32, device=out.device)
         z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
         block_m, block_d, grid = _launch_shape(n_rows, d)
-        _edit_fwd[(grid,)](out, rows, flags, saved, z, A.contiguous(), B.contiguous(), b.contiguous(), n_rows, d,
-                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=save)
+        _edit_fwd[(grid,)](out, rows, flags, saved, z, A.contiguous(), B.contiguous(), b.contiguous(), flags, n_rows, d,
+                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=save, MULTI=False)
         if inplace:
             ctx.mark_dirty(out)
         ctx.save_for_backward(rows, flags, saved, z, A, B)
@@ -151,27 +170,54 @@ class _FusedEdit(torch.autograd.Function):
 
 
 def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
-                        A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+                        A: torch.Tensor, B: torch.Tensor, b: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
     """h[b, index[b, p]] += Bᵀ(A h + b) where valid[b, p]. hidden [batch, T, d]; A, B [r, d]; b [r].
 
-    Raises ValueError for inputs the kernel does not support (callers that want a fallback check
-    ``triton_usable`` first and use ``low_rank_edit_reference``).
+    Per-row adapter selection (many adapters served on one base): A, B [K, r, d], b [K, r] and
+    ``adapter`` [batch] ids in [0, K); batch row i is edited by adapter ``adapter[i]``. Inference
+    only: it raises when a gradient is needed. Raises ValueError for inputs the kernel does not
+    support (callers that want a fallback check ``triton_usable`` first and use
+    ``low_rank_edit_reference``).
     """
     if hidden.dim() != 3 or index.shape != valid.shape or index.shape[0] != hidden.shape[0]:
         raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, index {tuple(index.shape)}, valid {tuple(valid.shape)}")
-    if A.shape != B.shape or A.shape[1] != hidden.shape[-1] or b.shape != (A.shape[0],):
-        raise ValueError(f"A {tuple(A.shape)}, B {tuple(B.shape)}, b {tuple(b.shape)} do not fit hidden size {hidden.shape[-1]}")
-    problem = triton_usable(hidden, A.shape[0])
+    stacked = 3 if adapter is not None else 2
+    if A.dim() != stacked or A.shape != B.shape or A.shape[-1] != hidden.shape[-1] or b.shape != A.shape[:-1]:
+        form = "A, B [K, r, d], b [K, r]" if adapter is not None else "A, B [r, d], b [r]"
+        raise ValueError(f"A {tuple(A.shape)}, B {tuple(B.shape)}, b {tuple(b.shape)} do not fit hidden size "
+                         f"{hidden.shape[-1]} ({form})")
+    problem = triton_usable(hidden, A.shape[-2])
     if problem:
         raise ValueError(f"fused kernel unsupported for {problem}")
-    return _FusedEdit.apply(hidden, index, valid, A, B, b)
+    if adapter is None:
+        return _FusedEdit.apply(hidden, index, valid, A, B, b)
+    return _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter)
+
+
+def _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter):
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (hidden, A, B, b)):
+        raise ValueError("per-row adapter selection is inference-only: run it under torch.no_grad()")
+    if adapter.shape != (hidden.shape[0],):
+        raise ValueError(f"adapter ids {tuple(adapter.shape)}: expected one per batch row ({hidden.shape[0]},)")
+    if adapter.numel() and not (0 <= int(adapter.min()) and int(adapter.max()) < A.shape[0]):
+        raise ValueError(f"adapter ids must lie in [0, {A.shape[0] - 1}] (K = {A.shape[0]} stacked adapters)")
+    out = hidden if hidden.is_contiguous() else hidden.contiguous()
+    rows = _flat_rows(out, index).contiguous()
+    flags = valid.reshape(-1).to(torch.int8).contiguous()
+    slot_adapter = adapter.to(torch.int32)[:, None].expand(index.shape).reshape(-1).contiguous()
+    n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[1]
+    block_m, block_d, grid = _launch_shape(n_rows, d)
+    unused = torch.empty(0, dtype=torch.float32, device=out.device)
+    _edit_fwd[(grid,)](out, rows, flags, unused, unused, A.contiguous(), B.contiguous(), b.contiguous(), slot_adapter, n_rows, d,
+                       RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=False, MULTI=True)
+    return out
 
 
 class FusedLowRankEdit(torch.nn.Module):
     """Module form: ``FusedLowRankEdit()(hidden, index, valid, A, B, b)``, falling back to the eager
     reference where the kernel cannot run (CPU without the interpreter, rank > 64, other dtypes)."""
 
-    def forward(self, hidden, index, valid, A, B, b):
-        if triton_usable(hidden, A.shape[0]) is None:
-            return fused_low_rank_edit(hidden, index, valid, A, B, b)
-        return low_rank_edit_reference(hidden, index, valid, A, B, b)
+    def forward(self, hidden, index, valid, A, B, b, adapter=None):
+        if triton_usable(hidden, A.shape[-2]) is None:
+            return fused_low_rank_edit(hidden, index, valid, A, B, b, adapter)
+        return low_rank_edit_reference(hidden, index, valid, A, B, b, adapter)

@@ -14,7 +14,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from reft_lab.errors import config_error
+from reft_lab.errors import ConfigError, config_error
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.base import MethodConfig, TunedModel
 from reft_lab.models.layers import decoder_layers, hidden_size
@@ -109,6 +109,10 @@ class ReftModel(TunedModel):
             if problem:
                 raise config_error("method.impl", "triton", f"auto or eager: the fused kernel cannot run here ({problem})")
         self._active: Positions | None = None
+        # serving K adapters at once (``serve``): per-(layer, group) stacked factors A, B [K, r, d],
+        # b [K, r], and the adapter id of each row of the current batch
+        self.bank: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._adapter_ids: torch.Tensor | None = None
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
         self._hooks = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
@@ -118,7 +122,7 @@ class ReftModel(TunedModel):
         self._forward_calls += 1
 
     def _hook(self, layer: int):
-        routes = [(self.interventions[intervention_key(layer, g)], cols) for g, cols in self.groups.items()]
+        routes = [(intervention_key(layer, g), cols) for g, cols in self.groups.items()]
 
         def edit_output(module, args, output):
             positions = self._active
@@ -127,15 +131,22 @@ class ReftModel(TunedModel):
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[0] != positions.index.shape[0]:
                 return output  # not the batch these positions were built for
-            if self._fused(hidden):
+            if self.bank is not None:  # each row is edited by its own adapter
+                from reft_lab.kernels import fused_low_rank_edit, low_rank_edit_reference
+
+                edit = fused_low_rank_edit if self._fused(hidden) else low_rank_edit_reference
+                for key, cols in routes:
+                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key], self._adapter_ids)
+            elif self._fused(hidden):
                 from reft_lab.kernels import fused_low_rank_edit
 
-                for intervention, cols in routes:
-                    hidden = fused_low_rank_edit(hidden, positions.index[:, cols], positions.valid[:, cols], *intervention.factors())
+                for key, cols in routes:
+                    hidden = fused_low_rank_edit(hidden, positions.index[:, cols], positions.valid[:, cols],
+                                                 *self.interventions[key].factors())
             else:
                 index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
                 rows = hidden.gather(1, index)
-                edits = [intervention.edit(rows[:, cols]) for intervention, cols in routes]
+                edits = [self.interventions[key].edit(rows[:, cols]) for key, cols in routes]
                 delta = edits[0] if len(edits) == 1 else torch.cat(edits, 1)
                 delta = delta * positions.valid.unsqueeze(-1).to(delta.dtype)
                 hidden = hidden.scatter_add(1, index, delta)
@@ -155,32 +166,61 @@ class ReftModel(TunedModel):
 
         return triton_usable(hidden, self.config.rank) is None and not (self.training and self.config.dropout)
 
+    def serve(self, factor_sets: list[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]) -> None:
+        """Serve K adapters of this layout at once: ``factor_sets[k]`` maps each intervention key to
+        adapter k's (A, B, b). Forward and generate then take ``adapter_ids`` (one per row)."""
+        keys = set(self.interventions)
+        for k, factors in enumerate(factor_sets):
+            if set(factors) != keys:
+                raise ConfigError(f"adapter {k}: interventions {sorted(factors)[:3]} do not match this layout {sorted(keys)[:3]}")
+        self.bank = {key: tuple(torch.stack([f[key][i].detach() for f in factor_sets]) for i in range(3)) for key in keys}
+
+    def remove_hooks(self) -> None:
+        """Detach from the base model: its layers run unedited afterwards."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _check_adapter_ids(self, adapter_ids, batch: int):
+        if self.bank is None:
+            if adapter_ids is not None:
+                raise ConfigError("adapter_ids given, but this model serves one adapter (see adapters.load_adapter_bank)")
+            return None
+        n = next(iter(self.bank.values()))[0].shape[0]
+        if adapter_ids is None:
+            raise ConfigError(f"this model serves {n} adapters: pass adapter_ids, one id in [0, {n - 1}] per row")
+        adapter_ids = torch.as_tensor(adapter_ids, device=self._active.index.device)
+        if adapter_ids.shape != (batch,) or (batch and not (0 <= int(adapter_ids.min()) and int(adapter_ids.max()) < n)):
+            raise ConfigError(f"adapter_ids {adapter_ids.tolist()}: expected {batch} ids in [0, {n - 1}], one per row")
+        return adapter_ids
+
     @contextmanager
-    def editing(self, input_ids, attention_mask, prompt_lengths=None, prompt_only=False):
+    def editing(self, input_ids, attention_mask, prompt_lengths=None, prompt_only=False, adapter_ids=None):
         """Positions for this batch. In training they stay set until the next batch: gradient
         checkpointing re-runs the layers (and so the edit) during backward, after forward returned."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._active = prompt_positions(self.config.spec, attention_mask, prompt_lengths)
+        self._adapter_ids = self._check_adapter_ids(adapter_ids, input_ids.shape[0])
         self._prompt_only, self._forward_calls = prompt_only, 0
         try:
             yield attention_mask
         finally:
             if not (self.training and torch.is_grad_enabled()) or prompt_only:
-                self._active, self._prompt_only = None, False
+                self._active, self._prompt_only, self._adapter_ids = None, False, None
 
     def train(self, mode: bool = True):
         self._active = None  # positions of a training batch never leak into evaluation
         return super().train(mode)
 
-    def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
-        with self.editing(input_ids, attention_mask, prompt_lengths) as mask:
+    def forward(self, input_ids, attention_mask=None, prompt_lengths=None, adapter_ids=None, **kwargs):
+        with self.editing(input_ids, attention_mask, prompt_lengths, adapter_ids=adapter_ids) as mask:
             return self.model(input_ids=input_ids, attention_mask=mask, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, **kwargs):
+    def generate(self, input_ids, attention_mask=None, adapter_ids=None, **kwargs):
         """At inference the prompt is the input: its positions are edited in the prompt pass only."""
-        with self.editing(input_ids, attention_mask, prompt_only=True) as mask:
+        with self.editing(input_ids, attention_mask, prompt_only=True, adapter_ids=adapter_ids) as mask:
             return self.model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
 
     def no_decay_parameter_names(self) -> set[str]:

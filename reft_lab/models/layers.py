@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
 from torch import nn
 
 from reft_lab.errors import ConfigError
@@ -34,3 +37,27 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"{n_layers} identical blocks; ReFT methods need one (LoRA, full and none do not)"
         )
     return min(candidates, key=lambda c: (c[0], c[1]))[2]
+
+
+@contextmanager
+def compiled_layers(model: nn.Module):
+    """Each decoder block's forward through ``torch.compile`` while the context lasts.
+
+    Regional compilation: the blocks share one class, so one graph serves them all and a cold compile
+    takes seconds, not the minutes of a whole-model compile. Hooks (the ReFT edits) stay eager around
+    the compiled forward. Inductor fuses the pointwise ops and, for backward, recomputes cheap ones
+    instead of saving them (less activation memory). Restored on exit, so generation afterwards runs
+    the plain layers (its growing KV cache would only trigger recompiles).
+    """
+    blocks = decoder_layers(model)
+    originals = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+    try:
+        yield
+    finally:
+        for block, original in zip(blocks, originals):
+            if original is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = original
