@@ -30,7 +30,11 @@ from reft_lab.data.batching import EncodedExample, collate_train
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
-PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "pyreft_loreft", "peft_lora", "reft_lab_lora"]
+PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "reft_lab_loreft_eager",
+             "pyreft_loreft", "peft_lora", "reft_lab_lora"]
+# reft_lab_loreft_eager forces method.impl=eager: on CUDA the fused kernel vs the eager edit; on a CPU
+# both are the eager path, so it is left out of the default list there
+DEFAULT_PROVIDERS = [p for p in PROVIDERS if torch.cuda.is_available() or p != "reft_lab_loreft_eager"]
 
 
 def _model(name: str):
@@ -56,7 +60,8 @@ def make_step(provider: str, model_name: str):
     batch = _batch(device, model.config.vocab_size)
     if provider.startswith("reft_lab"):
         if "loreft" in provider:
-            cfg = {"name": "loreft", "rank": RANK, "layers": LAYERS, "positions": f"f{FIRST}+l{LAST}", "tied": False}
+            cfg = {"name": "loreft", "rank": RANK, "layers": LAYERS, "positions": f"f{FIRST}+l{LAST}", "tied": False,
+                   "impl": "eager" if provider.endswith("eager") else "auto"}
         else:
             cfg = {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
         tuned = attach(model, cfg)
@@ -243,7 +248,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reft-lab bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--memory-steps", type=int, default=3)

@@ -2,11 +2,12 @@
 
     python experiments/kernels/bench_kernels.py [--out experiments/kernels/results.csv]
 
-Rows: provider (triton, eager, pyreft), mode (fwd, bwd, full), shape, median/p20/p80 time
-(triton.testing.do_bench), bytes moved by an ideal kernel (selected rows read and written once, in
-the input dtype), achieved GB/s, the same GPU's measured device-to-device copy bandwidth, GPU
-name, versions and date; then one end-to-end training step of SmolLM2-135M, fused vs eager
-(config A of `reft-lab bench`).
+Rows: provider (triton, eager, pyreft; triton_8_adapters and eager_8_adapters: per-row adapter
+selection among 8 stacked adapters, forward only), mode (fwd, bwd, full), shape, median/p20/p80
+time (triton.testing.do_bench), bytes moved by an ideal kernel (selected rows read and written
+once, in the input dtype), achieved GB/s, the same GPU's measured device-to-device copy bandwidth,
+GPU name, versions and date. The end-to-end training step, fused vs eager, is
+`reft-lab bench --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft`.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def main() -> int:
                                  "gbs": moved / (ms * 1e-3) / 1e9, "copy_gbs": copy_gbs, "gpu": gpu,
                                  "torch": torch.__version__, "triton": triton.__version__, "date": date})
                     print(rows[-1], flush=True)
+            adapters = 8  # per-row selection: each batch row picks one of 8 stacked adapters
+            stacked = [torch.stack([t.detach() * (1 + k / adapters) for k in range(adapters)]) for t in (A, B, b)]
+            ids = torch.randint(0, adapters, (batch,), device="cuda")
+            for name, fn in (("triton_8_adapters", fused_low_rank_edit), ("eager_8_adapters", low_rank_edit_reference)):
+                h = h0.clone()
+                with torch.no_grad():
+                    ms, p20, p80 = do_bench(lambda: fn(h, index, valid, *stacked, ids), quantiles=[0.5, 0.2, 0.8])
+                rows.append({**rows[-1], "provider": name, "mode": "fwd", "median_ms": ms, "p20_ms": p20, "p80_ms": p80,
+                             "bytes_moved": ideal_bytes, "gbs": ideal_bytes / (ms * 1e-3) / 1e9})
+                print(rows[-1], flush=True)
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     new = not opts.out.exists()
     with open(opts.out, "a", newline="") as f:
