@@ -126,6 +126,8 @@ def test_adapter_bank_edits_each_row_with_its_adapter(tiny, batch, tmp_path):
     ids, mask, lengths = ids.repeat(2, 1), mask.repeat(2, 1), lengths.repeat(2)
     adapter_ids = torch.tensor([2, 0, 1, 2])
     served = load_adapter_bank(tiny().model, dirs)
+    assert any(name.startswith("bank.") for name, _ in served.named_buffers()), "stacked factors move with the model"
+    assert not any(name.startswith("bank.") for name in served.state_dict()), "and never enter a state dict"
     with torch.no_grad():
         logits = served(ids, attention_mask=mask, prompt_lengths=lengths, adapter_ids=adapter_ids).logits
         generated = served.generate(ids, attention_mask=mask, adapter_ids=adapter_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -83,6 +83,19 @@ def intervention_key(layer: int, group: str) -> str:
     return f"layer{layer}" if group == "all" else f"layer{layer}_{group}"
 
 
+class StackedFactors(nn.Module):
+    """K adapters' low-rank factors of one intervention: A, B [K, r, d], b [K, r]. Buffers, so they
+    move with the model; not persistent, so they never enter a state dict or an adapter file."""
+
+    def __init__(self, factors: list[torch.Tensor]):
+        super().__init__()
+        for name, tensor in zip(("A", "B", "b"), factors):
+            self.register_buffer(name, tensor, persistent=False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.A, self.B, self.b
+
+
 class ReftModel(TunedModel):
     """A frozen causal LM whose chosen decoder-layer outputs are edited by interventions."""
 
@@ -109,9 +122,9 @@ class ReftModel(TunedModel):
             if problem:
                 raise config_error("method.impl", "triton", f"auto or eager: the fused kernel cannot run here ({problem})")
         self._active: Positions | None = None
-        # serving K adapters at once (``serve``): per-(layer, group) stacked factors A, B [K, r, d],
-        # b [K, r], and the adapter id of each row of the current batch
-        self.bank: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        # serving K adapters at once (``serve``): per-(layer, group) stacked factors, and the
+        # adapter id of each row of the current batch
+        self.bank: nn.ModuleDict | None = None
         self._adapter_ids: torch.Tensor | None = None
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
@@ -136,7 +149,7 @@ class ReftModel(TunedModel):
 
                 edit = fused_low_rank_edit if self._fused(hidden) else low_rank_edit_reference
                 for key, cols in routes:
-                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key], self._adapter_ids)
+                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key].factors(), self._adapter_ids)
             elif self._fused(hidden):
                 from reft_lab.kernels import fused_low_rank_edit
 
@@ -173,7 +186,8 @@ class ReftModel(TunedModel):
         for k, factors in enumerate(factor_sets):
             if set(factors) != keys:
                 raise ConfigError(f"adapter {k}: interventions {sorted(factors)[:3]} do not match this layout {sorted(keys)[:3]}")
-        self.bank = {key: tuple(torch.stack([f[key][i].detach() for f in factor_sets]) for i in range(3)) for key in keys}
+        self.bank = nn.ModuleDict({key: StackedFactors([torch.stack([f[key][i].detach() for f in factor_sets]) for i in range(3)])
+                                   for key in keys})
 
     def remove_hooks(self) -> None:
         """Detach from the base model: its layers run unedited afterwards."""
@@ -186,7 +200,7 @@ class ReftModel(TunedModel):
             if adapter_ids is not None:
                 raise ConfigError("adapter_ids given, but this model serves one adapter (see adapters.load_adapter_bank)")
             return None
-        n = next(iter(self.bank.values()))[0].shape[0]
+        n = next(iter(self.bank.values())).A.shape[0]
         if adapter_ids is None:
             raise ConfigError(f"this model serves {n} adapters: pass adapter_ids, one id in [0, {n - 1}] per row")
         adapter_ids = torch.as_tensor(adapter_ids, device=self._active.index.device)
