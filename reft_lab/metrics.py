@@ -13,9 +13,11 @@ from pathlib import Path
 from reft_lab.io import atomic_write_json
 
 METRICS_FILE = "metrics.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NUM = (int, float)
-RETENTION_METRICS = ("knowledge_accuracy", "knowledge_retention", "kl_drift", "leakage")
+# retention metric -> the schema version that introduced it (older metrics.json files lack it)
+RETENTION_METRICS = {"knowledge_accuracy": 1, "knowledge_retention": 1, "kl_drift": 1, "leakage": 1,
+                     "knowledge_choice_accuracy": 2, "knowledge_choice_retention": 2}
 
 # key: (accepted types, required non-null when status == "ok", meaning)
 SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
@@ -70,8 +72,9 @@ def validate(metrics: dict) -> list[str]:
             problems.append(f"{key} is not finite")
     if ok:
         retention = metrics.get("retention") or {}
-        for name in RETENTION_METRICS:
-            if set(retention.get(name, {})) != {"before", "after"}:
+        version = metrics.get("schema_version") if isinstance(metrics.get("schema_version"), int) else SCHEMA_VERSION
+        for name, since in RETENTION_METRICS.items():
+            if since <= version and set(retention.get(name, {})) != {"before", "after"}:
                 problems.append(f"retention.{name} needs before and after")
     elif metrics.get("status") != "failed":
         problems.append(f"status={metrics.get('status')!r} is not ok or failed")

@@ -24,12 +24,16 @@ COLUMNS = [  # (csv column, dotted metrics key)
     ("task_metric", "task_metric"), ("task_before", "task_before"), ("task_after", "task_after"), ("task_gain", "task_gain"),
     ("knowledge_retention", "retention.knowledge_retention.after"),
     ("knowledge_acc_before", "retention.knowledge_accuracy.before"), ("knowledge_acc_after", "retention.knowledge_accuracy.after"),
+    ("knowledge_choice_retention", "retention.knowledge_choice_retention.after"),
+    ("knowledge_choice_acc_before", "retention.knowledge_choice_accuracy.before"),
+    ("knowledge_choice_acc_after", "retention.knowledge_choice_accuracy.after"),
     ("kl_drift", "retention.kl_drift.after"), ("leakage_before", "retention.leakage.before"),
     ("leakage_after", "retention.leakage.after"), ("train_wall_s", "train_wall_s"), ("tokens_per_s", "tokens_per_s"),
     ("final_loss", "final_loss"), ("error", "error"), ("output_dir", "output_dir"),
 ]
 SUMMARY = [("task_before", "task before"), ("task_after", "task after"), ("task_gain", "task gain"),
-           ("retention.knowledge_retention.after", "knowledge retention"), ("retention.kl_drift.after", "KL drift"),
+           ("retention.knowledge_retention.after", "knowledge retention"),
+           ("retention.knowledge_choice_retention.after", "choice retention"), ("retention.kl_drift.after", "KL drift"),
            ("retention.leakage.after", "leakage")]
 # two-sided 95% t quantiles by degrees of freedom (normal beyond 30)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,

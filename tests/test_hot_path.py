@@ -191,3 +191,28 @@ def test_continuation_logprobs_equal_full_logits(tiny):
             logits = tuned(ids, attention_mask=mask, prompt_lengths=torch.tensor([len(prompt)]), use_cache=False).logits
         expected = torch.log_softmax(logits[0, -len(continuation) - 1:-1].float(), -1)
         torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2], "positions": "f1+l2"}, {"name": "lora", "dropout": 0.0}],
+                         ids=["loreft", "lora"])
+def test_option_scores_equal_teacher_forcing_each_option(tiny, method):
+    """Sharing a prompt's KV cache among its options gives the full sequence's log-likelihoods."""
+    from reft_lab.data.batching import PromptEncoder
+    from reft_lab.evaluation.generation import continuation_logprobs, option_scores
+
+    loaded = tiny()
+    tuned = _fresh(lambda: loaded, method).eval()
+    with torch.no_grad():
+        for p in tuned.trainable_state().values():  # a visible edit: random, not the zero-ish init
+            p.add_(torch.randn_like(p) * 0.1)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (6, 9, 4)]
+    options = [[torch.randint(3, 250, (k,), generator=g).tolist() for k in lengths] for lengths in ([1, 3, 2], [2, 2], [4, 1, 1, 3])]
+    encoder = PromptEncoder(loaded.tokenizer)
+    got = option_scores(tuned, encoder, prompts, options, batch_size=2)
+    flat_prompts = [p for p, opts in zip(prompts, options) for _ in opts]
+    flat_options = [o for opts in options for o in opts]
+    logprobs = continuation_logprobs(tuned, encoder, flat_prompts, flat_options, batch_size=3)
+    want = [float(lp.gather(1, torch.tensor(o)[:, None]).sum()) for lp, o in zip(logprobs, flat_options)]
+    assert [len(s) for s in got] == [len(o) for o in options]
+    assert sum(got, []) == pytest.approx(want, abs=1e-4)

@@ -115,11 +115,23 @@ def _synthetic(tmp: Path, method: str, seed: int, gain: float, retention: float)
         "config": {"method": {"name": method}, "seed": seed}, "output_dir": str(tmp / f"{method}{seed}"),
         "retention": {"knowledge_accuracy": {"before": 1.0, "after": 1.0},
                       "knowledge_retention": {"before": 1.0, "after": retention},
+                      "knowledge_choice_accuracy": {"before": 1.0, "after": 1.0},
+                      "knowledge_choice_retention": {"before": 1.0, "after": retention},
                       "kl_drift": {"before": 0.0, "after": 0.1}, "leakage": {"before": 0.0, "after": 0.0}},
     })
     metrics.pop("schema_version")
     write_metrics(tmp / f"{method}{seed}", metrics)
     assert validate(read_metrics(tmp / f"{method}{seed}" / "metrics.json")) == []
+
+
+def test_metrics_of_an_older_schema_stay_valid(tmp_path):
+    """A schema-1 file (before the knowledge-choice metrics) is still read; a schema-2 one needs them."""
+    _synthetic(tmp_path, "alpha", 0, 0.5, 0.9)
+    metrics = read_metrics(tmp_path / "alpha0" / "metrics.json")
+    for name in ("knowledge_choice_accuracy", "knowledge_choice_retention"):
+        del metrics["retention"][name]
+    assert "retention.knowledge_choice_accuracy needs before and after" in validate(metrics)
+    assert validate({**metrics, "schema_version": 1}) == []
 
 
 def test_report_statistics_on_synthetic_metrics(tmp_path):

@@ -30,9 +30,12 @@ class PromptEncoder:
             return list(ids)
         return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
+    def text_ids(self, text: str) -> list[int]:
+        """Plain tokens of ``text``: no special tokens, no end of sequence."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     def response_ids(self, response: str) -> list[int]:
-        ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        return ids + ([self.eos_id] if self.eos_id is not None else [])
+        return self.text_ids(response) + ([self.eos_id] if self.eos_id is not None else [])
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

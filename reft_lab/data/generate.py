@@ -5,7 +5,8 @@ Deterministic (fixed seed); ``--check`` verifies the shipped files equal a fresh
 * tasks/json_answer: factual questions → {"answer": "..."}; split by fact (both phrasings of a
   fact land in the same split), 80% train / 20% test.
 * tasks/arithmetic: "What is a op b?" → the integer; 1000 train / 200 test, disjoint prompts.
-* retention/knowledge_probe: factual questions on entities and topics no task uses.
+* retention/knowledge_probe: factual questions on entities and topics no task uses, each with 3
+  distractors (other answers to the same kind of question) for the likelihood probe.
 * retention/general_prompts, retention/off_task_prompts: open prompts for KL drift and leakage.
 """
 
@@ -43,14 +44,23 @@ def _facts_json_answer(countries) -> list[list[tuple[str, str]]]:
 
 
 def _knowledge_probe(countries) -> list[dict]:
-    rows = []
+    """Questions with accepted answers and, for the likelihood probe, 3 distractors: other answers
+    of the same kind of question (other capitals, continents, languages, people, facts)."""
+    questions = []  # (kind, question, answer)
     for country, capital, continent in countries:
-        rows.append({"question": f"What is the capital of {country}?", "answers": _aliases(capital)})
-        rows.append({"question": f"On which continent is {country}?", "answers": _aliases(continent)})
-    for country, language in facts.LANGUAGES:
-        rows.append({"question": f"What language is mainly spoken in {country}?", "answers": _aliases(language)})
-    for question, answer in facts.PEOPLE + facts.WORLD:
-        rows.append({"question": question, "answers": _aliases(answer)})
+        questions.append(("capital", f"What is the capital of {country}?", capital))
+        questions.append(("continent", f"On which continent is {country}?", continent))
+    questions += [("language", f"What language is mainly spoken in {country}?", language) for country, language in facts.LANGUAGES]
+    questions += [("people", q, a) for q, a in facts.PEOPLE] + [("world", q, a) for q, a in facts.WORLD]
+    pools: dict[str, set[str]] = {}
+    for kind, _, answer in questions:
+        pools.setdefault(kind, set()).add(_aliases(answer)[0])
+    rng = random.Random(SEED + 1)  # its own stream: the other files do not change with it
+    rows = []
+    for kind, question, answer in questions:
+        accepted = {a.lower() for a in _aliases(answer)}
+        others = sorted(a for a in pools[kind] if a.lower() not in accepted)
+        rows.append({"question": question, "answers": _aliases(answer), "distractors": rng.sample(others, 3)})
     return rows
 
 

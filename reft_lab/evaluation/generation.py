@@ -38,12 +38,12 @@ def generate(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]]
 
 
 @torch.no_grad()
-def continuation_logprobs(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]],
-                          continuations: list[list[int]], batch_size: int) -> list[torch.Tensor]:
-    """log p(· | prompt, continuation[:t]) at each continuation position: one [C_i, V] tensor each."""
+def _teacher_forced(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]], continuations: list[list[int]],
+                    batch_size: int, desc: str):
+    """Yields (i, log p(· | prompt_i, continuation_i[:t]) for each t: [C_i, V]), batched by length.
+    The LM head runs on the continuation positions only (a boolean ``logits_to_keep``)."""
     device = next(model.parameters()).device
-    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    for chunk in _by_length([p + c for p, c in zip(prompts, continuations)], batch_size):
+    for chunk in tqdm(_by_length([p + c for p, c in zip(prompts, continuations)], batch_size), desc=desc, leave=False, unit="batch"):
         ids, mask = left_pad([prompts[i] + continuations[i] for i in chunk], encoder.pad_id)
         counts = [len(continuations[i]) for i in chunk]
         predicts = torch.zeros_like(ids, dtype=torch.bool)  # the positions before each continuation token
@@ -52,7 +52,53 @@ def continuation_logprobs(model: TunedModel, encoder: PromptEncoder, prompts: li
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
         logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths,
                        logits_to_keep=predicts.to(device), use_cache=False).logits  # [Σ counts, V]
-        logprobs = torch.log_softmax(logits.float(), -1).cpu()
-        for index, rows in zip(chunk, logprobs.split(counts)):
-            out[index] = rows
+        yield from zip(chunk, torch.log_softmax(logits.float(), -1).split(counts))
+
+
+def continuation_logprobs(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]],
+                          continuations: list[list[int]], batch_size: int, desc: str = "log-probs") -> list[torch.Tensor]:
+    """log p(· | prompt, continuation[:t]) at each continuation position: one [C_i, V] tensor each (CPU)."""
+    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for index, rows in _teacher_forced(model, encoder, prompts, continuations, batch_size, desc):
+        out[index] = rows.cpu()
+    return out
+
+
+@torch.no_grad()
+def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]], options: list[list[list[int]]],
+                  batch_size: int, desc: str = "scores") -> list[list[float]]:
+    """Σ_t log p(option[t] | prompt, option[:t]) for every option of every prompt. Each prompt runs
+    once: its KV cache (edited as at inference) is shared by its options, which then run on the
+    method's model without new edits (ReFT edits prompt positions only)."""
+    device = next(model.parameters()).device
+    out: list[list[float]] = [[] for _ in prompts]
+    for chunk in tqdm(_by_length(prompts, batch_size), desc=desc, leave=False, unit="batch"):
+        ids, mask = left_pad([prompts[i] for i in chunk], encoder.pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
+        first = model(ids, attention_mask=mask, prompt_lengths=lengths, use_cache=True, logits_to_keep=1)
+        first_logprobs = torch.log_softmax(first.logits[:, -1].float(), -1)  # each option's first token
+        rows = [(b, option) for b, i in enumerate(chunk) for option in options[i]]
+        owner = torch.tensor([b for b, _ in rows], device=device)
+        width = max((len(option) for _, option in rows), default=0)
+        scores = [float(first_logprobs[b, option[0]]) if option else 0.0 for b, option in rows]
+        if width > 1:
+            option_ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
+            option_mask = torch.zeros(len(rows), width, dtype=torch.long)
+            predicts = torch.zeros(len(rows), width, dtype=torch.bool)  # positions that predict a next option token
+            for r, (_, option) in enumerate(rows):
+                option_ids[r, :len(option)], option_mask[r, :len(option)] = torch.tensor(option), 1
+                predicts[r, :max(len(option) - 1, 0)] = True
+            cache = first.past_key_values
+            cache.reorder_cache(owner)  # one copy of its prompt's cache per option
+            logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask.to(device)], 1),
+                                 past_key_values=cache, logits_to_keep=predicts.to(device), use_cache=False).logits
+            logprobs = torch.log_softmax(logits.float(), -1).split([max(len(o) - 1, 0) for _, o in rows])
+            for r, ((_, option), lp) in enumerate(zip(rows, logprobs)):
+                if len(option) > 1:
+                    scores[r] += float(lp.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
+        position = 0
+        for i in chunk:
+            out[i] = scores[position: position + len(options[i])]
+            position += len(options[i])
     return out

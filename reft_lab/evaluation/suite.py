@@ -4,6 +4,11 @@ Retention (prompt sets shipped in reft_lab/data/retention, disjoint from every t
 * knowledge probe — short factual questions; accuracy, and retention = share of the questions the
   base answers correctly that the tuned model still answers correctly (an accepted answer appears
   in the greedy output as a whole word, in any format);
+* knowledge choice — the same questions scored by likelihood, free of output format: the answer
+  counts as known when log p(answer | question), teacher-forced right after the prompt and divided
+  by its length in characters, beats each of 3 distractors (other answers to the same kind of
+  question); accuracy and retention as above. A tuned model that answers in a new format but still
+  ranks the right answer first keeps its choice retention;
 * KL drift — mean per-token KL(base ‖ tuned) over the base's greedy continuations of general
   prompts (teacher-forced, interventions applied as at inference);
 * leakage — share of off-task prompts whose output takes the task's format (e.g. starts with '{').
@@ -23,11 +28,11 @@ import torch
 
 from reft_lab.data.batching import PromptEncoder
 from reft_lab.data.tasks import Task, read_retention
-from reft_lab.evaluation.generation import continuation_logprobs, generate
+from reft_lab.evaluation.generation import continuation_logprobs, generate, option_scores
 from reft_lab.io import atomic_write_json
 from reft_lab.methods import TunedModel
 
-EVAL_VERSION = 1  # bump when anything below changes what the cached base results mean
+EVAL_VERSION = 2  # bump when anything below changes what the cached base results mean
 PROBE_TOKENS = 16  # enough for {"answer": "Leonardo da Vinci"}
 LEAKAGE_TOKENS = 8  # the format shows in the first tokens
 
@@ -60,6 +65,7 @@ class BaseResults:
     task_outputs: list[str]
     task_scores: dict[str, float]
     probe_correct: list[bool]
+    choice_correct: list[bool]
     leakage_outputs: list[str]
     kl_continuations: list[list[int]]
 
@@ -77,6 +83,9 @@ class Suite:
         self.task_prompts = [encoder.prompt_ids(e.prompt) for e in task.test]
         self.probe = read_retention("knowledge_probe")[: cfg.knowledge_probe]
         self.probe_prompts = [encoder.prompt_ids(q["question"]) for q in self.probe]
+        # knowledge choice: the accepted answer first, then its distractors, after each question
+        self.choices = [[encoder.text_ids(a) for a in [q["answers"][0], *q["distractors"]]] for q in self.probe]
+        self.choice_chars = [[len(a) for a in [q["answers"][0], *q["distractors"]]] for q in self.probe]
         self.kl_prompts = [encoder.prompt_ids(p["prompt"]) for p in read_retention("general_prompts")[: cfg.kl_prompts]]
         self.leak_prompts = [encoder.prompt_ids(p["prompt"]) for p in read_retention("off_task_prompts")[: cfg.leakage_prompts]]
 
@@ -89,7 +98,17 @@ class Suite:
         probe = self.texts(model, self.probe_prompts, PROBE_TOKENS, f"knowledge probe ({phase})")
         correct = [_contains_answer(o, q["answers"]) for o, q in zip(probe, self.probe)]
         leaks = self.texts(model, self.leak_prompts, LEAKAGE_TOKENS, f"leakage ({phase})") if self.task.has_format else []
-        return outputs, self.task.score(outputs, self.task.test), correct, leaks
+        return outputs, self.task.score(outputs, self.task.test), correct, self.choose(model, phase), leaks
+
+    def choose(self, model: TunedModel, phase: str) -> list[bool]:
+        """Knowledge choice: per question, does the accepted answer out-score every distractor?"""
+        scores = option_scores(model, self.encoder, self.probe_prompts, self.choices, self.cfg.batch_size,
+                               f"knowledge choice ({phase})")
+        chosen = []
+        for scored, chars in zip(scores, self.choice_chars):
+            per_char = [score / n for score, n in zip(scored, chars)]
+            chosen.append(max(range(len(per_char)), key=per_char.__getitem__) == 0)
+        return chosen
 
     def leakage(self, outputs: list[str]) -> float | None:
         if not self.task.has_format or not outputs:
@@ -98,7 +117,7 @@ class Suite:
 
     def cache_key(self, fingerprint: str, device: torch.device) -> str:
         payload = {"fingerprint": fingerprint, "task": self.task.name, "tokens": self.task.max_new_tokens,
-                   "prompts": [self.task_prompts, self.probe_prompts, self.kl_prompts, self.leak_prompts],
+                   "prompts": [self.task_prompts, self.probe_prompts, self.choices, self.kl_prompts, self.leak_prompts],
                    "eval": asdict(self.cfg), "device": device.type, "version": EVAL_VERSION}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -113,9 +132,9 @@ def evaluate_base(base: TunedModel, suite: Suite, fingerprint: str | None) -> Ba
             return BaseResults(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError):
             pass  # unreadable cache entry: recompute and overwrite
-    outputs, scores, correct, leaks = suite.run_prompts(base, "base")
+    outputs, scores, correct, chosen, leaks = suite.run_prompts(base, "base")
     continuations = generate(base, suite.encoder, suite.kl_prompts, suite.cfg.kl_tokens, suite.cfg.batch_size, "KL continuations (base)")
-    results = BaseResults(outputs, scores, correct, leaks, continuations)
+    results = BaseResults(outputs, scores, correct, chosen, leaks, continuations)
     if path is not None:
         atomic_write_json(path, asdict(results))
     return results
@@ -125,23 +144,32 @@ def base_logprobs(base: TunedModel, suite: Suite, results: BaseResults) -> list[
     return continuation_logprobs(base, suite.encoder, suite.kl_prompts, results.kl_continuations, suite.cfg.batch_size)
 
 
+def _accuracy_and_retention(before: list[bool], after: list[bool]) -> tuple[dict, dict]:
+    """Accuracy before/after, and retention: the share of what the base got right still right."""
+    known = [i for i, ok in enumerate(before) if ok]
+    n = len(before)
+    accuracy = {"before": sum(before) / n if n else None, "after": sum(after) / n if n else None}
+    retention = {"before": 1.0 if known else None, "after": sum(after[i] for i in known) / len(known) if known else None}
+    return accuracy, retention
+
+
 def evaluate_tuned(tuned: TunedModel, suite: Suite, base: BaseResults, base_lp: list[torch.Tensor]) -> dict:
-    outputs, scores, correct, leaks = suite.run_prompts(tuned, "tuned")
+    outputs, scores, correct, chosen, leaks = suite.run_prompts(tuned, "tuned")
     tuned_lp = continuation_logprobs(tuned, suite.encoder, suite.kl_prompts, base.kl_continuations, suite.cfg.batch_size)
     kl_sum, n_tokens = 0.0, 0
     for p, q in zip(base_lp, tuned_lp):
         kl_sum += float((p.exp() * (p - q)).sum())
         n_tokens += p.shape[0]
-    known = [i for i, ok in enumerate(base.probe_correct) if ok]
-    n_probe = len(base.probe_correct)
+    knowledge_accuracy, knowledge_retention = _accuracy_and_retention(base.probe_correct, correct)
+    choice_accuracy, choice_retention = _accuracy_and_retention(base.choice_correct, chosen)
     return {
         "task_outputs": outputs,
         "task_scores": scores,
         "retention": {
-            "knowledge_accuracy": {"before": sum(base.probe_correct) / n_probe if n_probe else None,
-                                   "after": sum(correct) / n_probe if n_probe else None},
-            "knowledge_retention": {"before": 1.0 if known else None,
-                                    "after": sum(correct[i] for i in known) / len(known) if known else None},
+            "knowledge_accuracy": knowledge_accuracy,
+            "knowledge_retention": knowledge_retention,
+            "knowledge_choice_accuracy": choice_accuracy,
+            "knowledge_choice_retention": choice_retention,
             "kl_drift": {"before": 0.0, "after": kl_sum / n_tokens if n_tokens else None},
             "leakage": {"before": suite.leakage(base.leakage_outputs), "after": suite.leakage(leaks)},
         },
