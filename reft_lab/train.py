@@ -35,7 +35,7 @@ from reft_lab.accounting import fingerprint, param_report
 from reft_lab.adapters import save_adapter
 from reft_lab.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from reft_lab.config import build_section
-from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples
+from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples, position_ids
 from reft_lab.data.tasks import TaskConfig, load_task
 from reft_lab.errors import ConfigError, ReftLabError, config_error
 from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
@@ -229,7 +229,7 @@ def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     predicts = torch.zeros_like(batch.input_ids, dtype=torch.bool)
     predicts[:, -supervised.shape[1] - 1:-1] = supervised  # the position before each response token
     logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
-                   logits_to_keep=predicts, use_cache=False).logits
+                   position_ids=position_ids(batch.attention_mask), logits_to_keep=predicts, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])
     targets = batch.labels[supervised]
     rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])

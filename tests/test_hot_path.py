@@ -193,14 +193,16 @@ def test_continuation_logprobs_equal_full_logits(tiny):
         torch.testing.assert_close(logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary and absolute position embeddings
 @pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2], "positions": "f1+l2"}, {"name": "lora", "dropout": 0.0}],
                          ids=["loreft", "lora"])
-def test_option_scores_equal_teacher_forcing_each_option(tiny, method):
-    """Sharing a prompt's KV cache among its options gives the full sequence's log-likelihoods."""
+def test_option_scores_equal_teacher_forcing_each_option(tiny, method, arch):
+    """Sharing a prompt's KV cache among its options gives the full sequence's log-likelihoods,
+    although the two paths pad differently."""
     from reft_lab.data.batching import PromptEncoder
     from reft_lab.evaluation.generation import continuation_logprobs, option_scores
 
-    loaded = tiny()
+    loaded = tiny(arch)
     tuned = _fresh(lambda: loaded, method).eval()
     with torch.no_grad():
         for p in tuned.trainable_state().values():  # a visible edit: random, not the zero-ish init
@@ -216,3 +218,17 @@ def test_option_scores_equal_teacher_forcing_each_option(tiny, method):
     want = [float(lp.gather(1, torch.tensor(o)[:, None]).sum()) for lp, o in zip(logprobs, flat_options)]
     assert [len(s) for s in got] == [len(o) for o in options]
     assert sum(got, []) == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_response_loss_does_not_depend_on_padding(tiny, arch):
+    """Positions count attended tokens only, so a left-padded row trains as it would alone (GPT-2's
+    absolute position embeddings would otherwise shift with the padding)."""
+    examples = _examples([(5, 3), (14, 4)])
+    tuned = attach(tiny(arch).model, {"name": "loreft", "layers": [1]}).eval()  # GPT-2's dropout off
+    alone = response_loss(tuned, collate_train(examples[:1], 0))
+    together = collate_train(examples, 0)  # the first row is now left-padded by 10
+    per_row = [response_loss(tuned, collate_train([e], 0)) * len(e.response) for e in examples]
+    torch.testing.assert_close(response_loss(tuned, together), sum(per_row) / sum(len(e.response) for e in examples),
+                               atol=1e-5, rtol=1e-5)
+    assert together.attention_mask[0].sum() < together.attention_mask.shape[1] and alone.isfinite()

@@ -62,6 +62,14 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+def position_ids(attention_mask: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Positions counted over attended tokens only (padding gets 0), from ``start`` per row: what
+    ``generate`` uses, so models with absolute position embeddings (GPT-2) see the same positions in
+    training, teacher-forced scoring and generation, whatever the padding."""
+    start = start[:, None] if isinstance(start, torch.Tensor) else start
+    return ((attention_mask.long().cumsum(-1) - 1).clamp(min=0) + start) * attention_mask.long()
+
+
 @dataclass
 class TrainBatch:
     input_ids: torch.Tensor  # [B, T], left-padded prompt + response

@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from reft_lab.data.batching import PromptEncoder, left_pad
+from reft_lab.data.batching import PromptEncoder, left_pad, position_ids
 from reft_lab.methods import TunedModel
 
 
@@ -50,7 +50,7 @@ def _teacher_forced(model: TunedModel, encoder: PromptEncoder, prompts: list[lis
         for row, n in enumerate(counts):
             predicts[row, ids.shape[1] - 1 - n: ids.shape[1] - 1] = True
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
-        logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths,
+        logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths, position_ids=position_ids(mask).to(device),
                        logits_to_keep=predicts.to(device), use_cache=False).logits  # [Σ counts, V]
         yield from zip(chunk, torch.log_softmax(logits.float(), -1).split(counts))
 
@@ -76,7 +76,7 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
         ids, mask = left_pad([prompts[i] for i in chunk], encoder.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
-        first = model(ids, attention_mask=mask, prompt_lengths=lengths, use_cache=True, logits_to_keep=1)
+        first = model(ids, attention_mask=mask, prompt_lengths=lengths, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
         first_logprobs = torch.log_softmax(first.logits[:, -1].float(), -1)  # each option's first token
         rows = [(b, option) for b, i in enumerate(chunk) for option in options[i]]
         owner = torch.tensor([b for b, _ in rows], device=device)
@@ -91,8 +91,10 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
                 predicts[r, :max(len(option) - 1, 0)] = True
             cache = first.past_key_values
             cache.reorder_cache(owner)  # one copy of its prompt's cache per option
-            logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask.to(device)], 1),
-                                 past_key_values=cache, logits_to_keep=predicts.to(device), use_cache=False).logits
+            option_mask = option_mask.to(device)
+            logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask], 1),
+                                 position_ids=position_ids(option_mask, mask.sum(-1)[owner]), past_key_values=cache,
+                                 logits_to_keep=predicts.to(device), use_cache=False).logits
             logprobs = torch.log_softmax(logits.float(), -1).split([max(len(o) - 1, 0) for _, o in rows])
             for r, ((_, option), lp) in enumerate(zip(rows, logprobs)):
                 if len(option) > 1:
