@@ -67,10 +67,12 @@ def make_step(provider: str, model_name: str):
         tuned = attach(model, cfg)
         if provider.endswith("ckpt"):
             tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        compiled = None
         if provider.endswith("compiled"):
             from reft_lab.models.layers import compiled_layers
 
-            compiled_layers(tuned.base_model).__enter__()  # compiled for the life of this benchmark process
+            compiled = compiled_layers(tuned.base_model)
+            compiled.__enter__()  # step holds it: a collected context manager would restore the layers
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
         cache = None
@@ -95,6 +97,7 @@ def make_step(provider: str, model_name: str):
             optimizer.zero_grad(set_to_none=True)
             return loss.item()
 
+        step.compiled = compiled
         return step
     labels = batch.input_ids.clone()
     labels[:, :PROMPT] = -100
