@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +51,19 @@ def _batch(device, vocab_size: int):
     return collate_train(examples, pad_id=2).to(device)
 
 
+def _optimizer_step(loss_fn, optimizer):
+    """One training step as every provider takes it: loss, backward, optimizer step, zeroed grads."""
+
+    def step():
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
 def make_step(provider: str, model_name: str):
     """A closure running one optimizer step of ``provider`` on config A's batch."""
     from reft_lab.methods import attach
@@ -72,7 +86,7 @@ def make_step(provider: str, model_name: str):
             from reft_lab.models.layers import compiled_layers
 
             compiled = compiled_layers(tuned.base_model)
-            compiled.__enter__()  # step holds it: a collected context manager would restore the layers
+            compiled.__enter__()
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
         cache = None
@@ -83,21 +97,13 @@ def make_step(provider: str, model_name: str):
             # identity only guards against reuse across models; fingerprinting here would allocate and
             # free the whole model's bytes, which the memory measurement would then see as free pages
             cache.bind(tuned.model, min(LAYERS), "bench")
-            keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
-            lengths = [PROMPT + RESPONSE] * BATCH
 
-        def step():
-            if cache is None:
-                loss = response_loss(tuned, batch)
-            else:
-                with cache.around(keys, lengths, PROMPT + RESPONSE, device):
-                    loss = response_loss(tuned, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.item()
+        def loss():
+            with cache.around_batch(batch, device) if cache else nullcontext():
+                return response_loss(tuned, batch)
 
-        step.compiled = compiled
+        step = _optimizer_step(loss, optimizer)
+        step.compiled = compiled  # step holds it: a collected context manager would restore the layers
         return step
     labels = batch.input_ids.clone()
     labels[:, :PROMPT] = -100
@@ -113,17 +119,12 @@ def make_step(provider: str, model_name: str):
         locations = [[list(range(FIRST))] * BATCH if i % 2 == 0 else [list(range(PROMPT - LAST, PROMPT))] * BATCH
                      for i in range(len(reps))]
         params = [p for p in reft.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
 
-        def step():  # what pyreft's ReftTrainerForCausalLM.compute_loss does
-            _, out = reft({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
-                          unit_locations={"sources->base": (None, locations)}, labels=labels, use_cache=False)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return out.loss.item()
+        def loss():  # what pyreft's ReftTrainerForCausalLM.compute_loss does
+            return reft({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                        unit_locations={"sources->base": (None, locations)}, labels=labels, use_cache=False)[1].loss
 
-        return step
+        return _optimizer_step(loss, torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0))
     if provider == "peft_lora":
         import peft
 
@@ -131,15 +132,8 @@ def make_step(provider: str, model_name: str):
                                                           target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
         lora.train()
         optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-
-        def step():
-            out = lora(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels, use_cache=False)
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return out.loss.item()
-
-        return step
+        return _optimizer_step(lambda: lora(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels,
+                                            use_cache=False).loss, optimizer)
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 

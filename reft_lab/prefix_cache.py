@@ -70,6 +70,12 @@ class PrefixCache:
             save_file({"h": hidden.cpu()}, self.spill_dir / f"{key}.safetensors")
             self.on_disk.add(key)
 
+    def around_batch(self, batch, device):
+        """``around`` for a TrainBatch: its examples' tokens are the keys."""
+        keys = [self.key(e.prompt + e.response) for e in batch.examples]
+        lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
+        return self.around(keys, lengths, batch.input_ids.shape[1], device)
+
     @contextmanager
     def around(self, keys: list[str], lengths: list[int], width: int, device):
         """Wrap one forward pass of a left-padded batch (row b holds ``lengths[b]`` tokens)."""

@@ -35,7 +35,8 @@ from reft_lab.accounting import fingerprint, param_report
 from reft_lab.adapters import save_adapter
 from reft_lab.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from reft_lab.config import build_section
-from reft_lab.data.batching import EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples, position_ids
+from reft_lab.data.batching import (EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples,
+                                   position_ids, predicting_positions)
 from reft_lab.data.tasks import TaskConfig, load_task
 from reft_lab.errors import ConfigError, ReftLabError, config_error
 from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
@@ -225,9 +226,8 @@ def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     token is supervised (a boolean ``logits_to_keep``: one contiguous [N, d] matmul, no logits for
     prompt or padding), and the loss runs over row chunks so no full fp32 copy of a
     large-vocabulary logit tensor is made."""
-    supervised = batch.labels != -100  # [B, R]: batches are left-padded, responses end at the last position
-    predicts = torch.zeros_like(batch.input_ids, dtype=torch.bool)
-    predicts[:, -supervised.shape[1] - 1:-1] = supervised  # the position before each response token
+    supervised = batch.labels != -100  # [B, R]: right-aligned, so each row's response is a suffix
+    predicts = predicting_positions(batch.input_ids.shape[1], supervised.sum(1))
     logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
                    position_ids=position_ids(batch.attention_mask), logits_to_keep=predicts, use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])
@@ -332,7 +332,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             step_loss, step_tokens = 0.0, 0
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
-                with autocast, _cached(cache, batch, device):
+                with autocast, cache.around_batch(batch, device) if cache else nullcontext():
                     loss = response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
@@ -374,14 +374,6 @@ def _prefix_cache(tuned: TunedModel, t: TrainerConfig, job_dir: Path | None) -> 
                         job_dir / "prefix_cache" if (t.prefix_cache_spill and job_dir) else None)
     cache.bind(tuned.model, min(tuned.layer_ids), tuned.base_fingerprint or fingerprint(tuned.base_model))
     return cache
-
-
-def _cached(cache: PrefixCache | None, batch: TrainBatch, device):
-    if cache is None:
-        return nullcontext()
-    keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
-    lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
-    return cache.around(keys, lengths, batch.input_ids.shape[1], device)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -645,8 +637,6 @@ def _run_hydra(args: list[str], failure_log: str) -> int:
 
 
 def main() -> None:
-    import os
-
     os.environ.setdefault("WANDB_MODE", "offline")
     sys.exit(run_hydra(sys.argv[1:]))
 

@@ -101,10 +101,7 @@ def test_prefix_cache_equal_losses_and_gradients(tiny):
     cache.bind(cached.model, 2, fingerprint(cached.base_model))
 
     def run(tuned, batch, use_cache):
-        keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
-        lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
-        ctx = cache.around(keys, lengths, batch.input_ids.shape[1], "cpu") if use_cache else torch.enable_grad()
-        with ctx:
+        with cache.around_batch(batch, "cpu") if use_cache else torch.enable_grad():
             loss = response_loss(tuned, batch)
         loss.backward()
         grads = _grads(tuned)
@@ -127,8 +124,7 @@ def test_prefix_cache_invalidation(tiny, tmp_path):
     cache.bind(tuned.model, 2, "fingerprint-a")
     batch = collate_train(_examples([(30, 10), (30, 10), (20, 5)]), 0)  # 3 × ~40 × 64 floats > 10 kB: spills
     keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
-    lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
-    with cache.around(keys, lengths, batch.input_ids.shape[1], "cpu"):
+    with cache.around_batch(batch, "cpu"):
         tuned(batch.input_ids, attention_mask=batch.attention_mask)
     assert cache.memory and cache.on_disk and cache.bytes <= 10_000
     assert all(cache._get(k, "cpu") is not None for k in keys)

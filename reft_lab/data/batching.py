@@ -1,7 +1,8 @@
 """Token ids for prompts and responses, and left-padded batches.
 
-Batches are left-padded so every response ends at the last position: the LM head then only needs
-the last (max response length + 1) positions, and ReFT positions start at the first attended token.
+Batches are left-padded so every response ends at the last position: the positions that predict a
+response token are the n before the last one in each row (``predicting_positions``), and ReFT
+positions start at the first attended token.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def position_ids(attention_mask: torch.Tensor, start: torch.Tensor | int = 0) ->
     training, teacher-forced scoring and generation, whatever the padding."""
     start = start[:, None] if isinstance(start, torch.Tensor) else start
     return ((attention_mask.long().cumsum(-1) - 1).clamp(min=0) + start) * attention_mask.long()
+
+
+def predicting_positions(width: int, counts: torch.Tensor) -> torch.Tensor:
+    """[B, width] bool: in a left-padded batch whose row b ends with ``counts[b]`` scored tokens, the
+    positions whose next token is one of them (what ``logits_to_keep`` needs)."""
+    cols = torch.arange(width, device=counts.device)
+    return (cols >= width - 1 - counts[:, None]) & (cols < width - 1)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from reft_lab.data.batching import PromptEncoder, left_pad, position_ids
+from reft_lab.data.batching import PromptEncoder, left_pad, position_ids, predicting_positions
 from reft_lab.methods import TunedModel
 
 
@@ -46,9 +46,7 @@ def _teacher_forced(model: TunedModel, encoder: PromptEncoder, prompts: list[lis
     for chunk in tqdm(_by_length([p + c for p, c in zip(prompts, continuations)], batch_size), desc=desc, leave=False, unit="batch"):
         ids, mask = left_pad([prompts[i] + continuations[i] for i in chunk], encoder.pad_id)
         counts = [len(continuations[i]) for i in chunk]
-        predicts = torch.zeros_like(ids, dtype=torch.bool)  # the positions before each continuation token
-        for row, n in enumerate(counts):
-            predicts[row, ids.shape[1] - 1 - n: ids.shape[1] - 1] = True
+        predicts = predicting_positions(ids.shape[1], torch.tensor(counts))
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
         logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths, position_ids=position_ids(mask).to(device),
                        logits_to_keep=predicts.to(device), use_cache=False).logits  # [Σ counts, V]
@@ -80,12 +78,13 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
         first_logprobs = torch.log_softmax(first.logits[:, -1].float(), -1)  # each option's first token
         rows = [(b, option) for b, i in enumerate(chunk) for option in options[i]]
         owner = torch.tensor([b for b, _ in rows], device=device)
+        first_tokens = torch.tensor([option[0] if option else 0 for _, option in rows], device=device)
+        scores = first_logprobs[owner, first_tokens] * torch.tensor([bool(o) for _, o in rows], device=device)
         width = max((len(option) for _, option in rows), default=0)
-        scores = [float(first_logprobs[b, option[0]]) if option else 0.0 for b, option in rows]
-        if width > 1:
+        if width > 1:  # the later tokens of every option, teacher-forced on its prompt's cache
             option_ids = torch.full((len(rows), width), encoder.pad_id, dtype=torch.long)
             option_mask = torch.zeros(len(rows), width, dtype=torch.long)
-            predicts = torch.zeros(len(rows), width, dtype=torch.bool)  # positions that predict a next option token
+            predicts = torch.zeros(len(rows), width, dtype=torch.bool)  # every token but each option's last
             for r, (_, option) in enumerate(rows):
                 option_ids[r, :len(option)], option_mask[r, :len(option)] = torch.tensor(option), 1
                 predicts[r, :max(len(option) - 1, 0)] = True
@@ -94,11 +93,12 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
             option_mask = option_mask.to(device)
             logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask], 1),
                                  position_ids=position_ids(option_mask, mask.sum(-1)[owner]), past_key_values=cache,
-                                 logits_to_keep=predicts.to(device), use_cache=False).logits
-            logprobs = torch.log_softmax(logits.float(), -1).split([max(len(o) - 1, 0) for _, o in rows])
-            for r, ((_, option), lp) in enumerate(zip(rows, logprobs)):
-                if len(option) > 1:
-                    scores[r] += float(lp.gather(1, torch.tensor(option[1:], device=device)[:, None]).sum())
+                                 logits_to_keep=predicts.to(device), use_cache=False).logits  # row-major over (option, token)
+            targets = torch.tensor([t for _, option in rows for t in option[1:]], device=device)
+            which = torch.tensor([r for r, (_, option) in enumerate(rows) for _ in option[1:]], device=device)
+            token_logprobs = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).squeeze(1)
+            scores = scores.index_add(0, which, token_logprobs)
+        scores = scores.tolist()
         position = 0
         for i in chunk:
             out[i] = scores[position: position + len(options[i])]

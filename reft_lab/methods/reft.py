@@ -144,18 +144,15 @@ class ReftModel(TunedModel):
             hidden = output[0] if isinstance(output, tuple) else output
             if hidden.shape[0] != positions.index.shape[0]:
                 return output  # not the batch these positions were built for
-            if self.bank is not None:  # each row is edited by its own adapter
+            fused = self._fused(hidden)
+            if fused or self.bank is not None:  # the factor form Bᵀ(Ah + b); a bank: each row its own adapter
                 from reft_lab.kernels import fused_low_rank_edit, low_rank_edit_reference
 
-                edit = fused_low_rank_edit if self._fused(hidden) else low_rank_edit_reference
+                edit = fused_low_rank_edit if fused else low_rank_edit_reference
+                source = self.bank if self.bank is not None else self.interventions
                 for key, cols in routes:
-                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key].factors(), self._adapter_ids)
-            elif self._fused(hidden):
-                from reft_lab.kernels import fused_low_rank_edit
-
-                for key, cols in routes:
-                    hidden = fused_low_rank_edit(hidden, positions.index[:, cols], positions.valid[:, cols],
-                                                 *self.interventions[key].factors())
+                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *source[key].factors(),
+                                  self._adapter_ids)
             else:
                 index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
                 rows = hidden.gather(1, index)
