@@ -137,6 +137,20 @@ def make_step(provider: str, model_name: str):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
+def profile_step(provider: str, model_name: str, warmup: int) -> str:
+    """Where one step's time goes: torch.profiler's table by self time, after ``warmup`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(provider, model_name)
+    for _ in range(warmup):
+        step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
+                                     row_limit=20)
+
+
 def _quantile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -251,9 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("experiments/bench"))
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS, help="intervened layers (config A: 6 12 18 24)")
+    parser.add_argument("--profile", default=None, choices=PROVIDERS, help="print torch.profiler's op table of one step of this provider")
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one provider's memory
     opts = parser.parse_args(argv)
     LAYERS[:] = opts.layers
+    if opts.profile:
+        print(profile_step(opts.profile, opts.model, opts.warmup))
+        return 0
     if opts.memory_only:
         print(json.dumps({"provider": opts.memory_only, "peak_train_bytes": measure_memory(opts.memory_only, opts.model, opts.memory_steps)}))
         return 0

@@ -228,3 +228,9 @@ def test_response_loss_does_not_depend_on_padding(tiny, arch):
     torch.testing.assert_close(response_loss(tuned, together), sum(per_row) / sum(len(e.response) for e in examples),
                                atol=1e-5, rtol=1e-5)
     assert together.attention_mask[0].sum() < together.attention_mask.shape[1] and alone.isfinite()
+
+
+def test_bench_profile_prints_the_op_table(capsys):
+    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "1", "--profile", "reft_lab_loreft"]) == 0
+    out = capsys.readouterr().out
+    assert "aten::mm" in out and "Self CPU time total" in out
