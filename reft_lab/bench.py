@@ -236,6 +236,26 @@ def measure_memory(provider: str, model_name: str, steps: int) -> int:
     return _peak_rss_bytes() - before
 
 
+def _comparisons(providers) -> list[tuple[str, str]]:
+    ours_loreft = [p for p in PROVIDERS if p.startswith("reft_lab_loreft") and p in providers]
+    pairs = [(ours, peer) for ours in ours_loreft for peer in ("pyreft_loreft", "peft_lora") if peer in providers]
+    return pairs + ([("reft_lab_lora", "peft_lora")] if {"reft_lab_lora", "peft_lora"} <= set(providers) else [])
+
+
+def ratios(times: dict[str, list[float]], memory: dict[str, int]) -> tuple[dict, dict]:
+    """(ratios of medians, step and memory; medians of per-round step ratios). The rounds interleave
+    the providers, so a round's ratio compares steps taken seconds apart: the paired median is the
+    less drift-prone estimate on a shared machine."""
+    med = {p: statistics.median(t) for p, t in times.items()}
+    of_medians, paired = {}, {}
+    for ours, peer in _comparisons(times):
+        of_medians[f"{ours}/{peer}_step"] = med[ours] / med[peer]
+        paired[f"{ours}/{peer}_step"] = statistics.median(a / b for a, b in zip(times[ours], times[peer]))
+        if peer == "pyreft_loreft":
+            of_medians[f"{ours}/{peer}_memory"] = memory[ours] / memory[peer]
+    return of_medians, paired
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -288,19 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                          "memory_method": MEMORY_METHOD},
               "providers": {p: {"median_s": statistics.median(times[p]), "p20_s": _quantile(times[p], 0.2),
                                 "p80_s": _quantile(times[p], 0.8), "peak_train_bytes": memory[p]} for p in opts.providers}}
-    ratios = {}
-    med = {p: v["median_s"] for p, v in record["providers"].items()}
-    ours_loreft = [p for p in PROVIDERS if p.startswith("reft_lab_loreft")]
-    for ours in ours_loreft:
-        for peer in ("pyreft_loreft", "peft_lora"):
-            if ours in med and peer in med:
-                ratios[f"{ours}/{peer}_step"] = med[ours] / med[peer]
-    for ours in ours_loreft:
-        if ours in memory and "pyreft_loreft" in memory:
-            ratios[f"{ours}/pyreft_loreft_memory"] = memory[ours] / memory["pyreft_loreft"]
-    if "reft_lab_lora" in med and "peft_lora" in med:
-        ratios["reft_lab_lora/peft_lora_step"] = med["reft_lab_lora"] / med["peft_lora"]
-    record["ratios"] = ratios
+    record["ratios"], record["paired_step_ratios"] = ratios(times, memory)
+    record["times_s"] = times  # every measured round, for re-analysis
     opts.out.mkdir(parents=True, exist_ok=True)
     with open(opts.out / "train_step.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -313,5 +322,5 @@ def main(argv: list[str] | None = None) -> int:
         for p, v in record["providers"].items():
             writer.writerow([record["date"], record["machine"], p, f"{v['median_s']:.4f}", f"{v['p20_s']:.4f}", f"{v['p80_s']:.4f}",
                              v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"], MEMORY_METHOD])
-    print(json.dumps({"machine": record["machine"], "providers": record["providers"], "ratios": ratios}, indent=2))
+    print(json.dumps({key: record[key] for key in ("machine", "providers", "ratios", "paired_step_ratios")}, indent=2))
     return 0

@@ -4,11 +4,14 @@ With a frozen base, the hidden state entering the lowest intervened layer depend
 model and the input tokens. After an example's first pass, its [T, d] hidden state there is kept
 (memory-bounded, optional spill to disk); a batch whose examples are all cached skips the decoder
 layers below that layer: each of them returns the cached state. Embeddings, masks and rotary
-tables are still computed (cheap), so the trick needs no per-architecture code.
+tables are still computed (cheap), so the trick needs no per-architecture code. Entries live in
+host memory whatever the training device: the bound is RAM, never accelerator memory, and a hit
+costs one [B, T, d] copy to the device (small next to the layers it skips).
 
 Identity of the cache: base fingerprint + layer + dtype, checked by ``bind``; entries are keyed by
 the example's token ids, so new data misses. Numerics: a cached state was computed inside another
 batch (other left padding), so losses match the uncached path to float rounding, not bit for bit.
+A prefix with active dropout is not deterministic, so it is never cached (``stochastic_prefix``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,23 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from reft_lab.models.layers import decoder_layers
+from reft_lab.models.layers import decoder_layers, swapped_forwards
+
+
+def stochastic_prefix(model: torch.nn.Module, layer: int) -> str | None:
+    """The first dropout (p > 0) that feeds the hidden state entering decoder block ``layer`` in
+    training mode, as "<module>: p=<p>", or None when that state depends only on the weights and the
+    tokens. Caching a stochastic state would replay the first epoch's dropout masks in every later
+    epoch."""
+    blocks = decoder_layers(model)
+    above = {id(m) for block in blocks[layer:] for m in block.modules()}
+    for name, module in model.named_modules():
+        if id(module) in above:
+            continue
+        p = module.p if isinstance(module, torch.nn.Dropout) else getattr(module, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and p > 0:
+            return f"{name}: p={p}"
+    return None
 
 
 class PrefixCache:
@@ -48,26 +67,34 @@ class PrefixCache:
         self.on_disk.clear()
         self.bytes = 0
 
+    def summary(self) -> str:
+        skipped = f"layers 0-{len(self.blocks) - 1}" if len(self.blocks) > 1 else "layer 0"
+        spilled = f", {len(self.on_disk)} spilled to disk" if self.on_disk else ""
+        return (f"prefix cache: {self.hits} of {self.hits + self.misses} batches skipped {skipped} "
+                f"({len(self.memory)} examples, {self.bytes / 2**20:.1f} MiB in memory{spilled})")
+
     @staticmethod
     def key(token_ids: list[int]) -> str:
         return hashlib.sha256(torch.tensor(token_ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:32]
 
-    def _get(self, key: str, device) -> torch.Tensor | None:
+    def _get(self, key: str) -> torch.Tensor | None:
         if key in self.memory:
             return self.memory[key]
         if key in self.on_disk:
-            return load_file(self.spill_dir / f"{key}.safetensors", device=str(device))["h"]
+            return load_file(self.spill_dir / f"{key}.safetensors")["h"]
         return None
 
     def _put(self, key: str, hidden: torch.Tensor) -> None:
-        hidden = hidden.detach().to(self.dtype or hidden.dtype).contiguous()
+        """``hidden``: one row of a host copy of the batch; cloned, so an entry never keeps the
+        whole batch's storage alive behind the byte count."""
+        hidden = hidden.clone()
         size = hidden.numel() * hidden.element_size()
         if self.bytes + size <= self.max_bytes:
             self.memory[key] = hidden
             self.bytes += size
         elif self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            save_file({"h": hidden.cpu()}, self.spill_dir / f"{key}.safetensors")
+            save_file({"h": hidden}, self.spill_dir / f"{key}.safetensors")
             self.on_disk.add(key)
 
     def around_batch(self, batch, device):
@@ -82,20 +109,17 @@ class PrefixCache:
         if not self.blocks:
             yield
             return
-        cached = [self._get(k, device) for k in keys]
+        cached = [self._get(k) for k in keys]
         if all(c is not None for c in cached):
             self.hits += 1
-            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=self.model_dtype, device=device)
+            device = torch.device(device)
+            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=self.model_dtype,
+                                 pin_memory=device.type == "cuda")
             for row, (h, n) in enumerate(zip(cached, lengths)):
-                hidden[row, width - n:] = h.to(self.model_dtype)
-            originals = [block.forward for block in self.blocks]
-            for block in self.blocks:  # every skipped layer hands on the cached state
-                block.forward = lambda *args, **kwargs: hidden
-            try:
-                yield
-            finally:
-                for block, forward in zip(self.blocks, originals):
-                    block.forward = forward
+                hidden[row, width - n:] = h
+            hidden = hidden.to(device, non_blocking=True)
+            with swapped_forwards(self.blocks, lambda block: lambda *args, **kwargs: hidden):
+                yield  # every skipped layer hands on the cached state
             return
         self.misses += 1
         captured = {}
@@ -105,7 +129,9 @@ class PrefixCache:
         finally:
             handle.remove()
         out = captured.get("h")
-        if isinstance(out, torch.Tensor):  # layers that return tuples are not cached
-            for row, (key, n) in enumerate(zip(keys, lengths)):
-                if key not in self.memory and key not in self.on_disk:
-                    self._put(key, out[row, width - n:])
+        new = list({key: row for row, key in reversed(list(enumerate(keys)))
+                    if key not in self.memory and key not in self.on_disk}.values())  # a repeated example once
+        if isinstance(out, torch.Tensor) and new:  # layers that return tuples are not cached
+            host = out.detach()[new].to("cpu", self.dtype or out.dtype)  # one transfer per batch
+            for i, row in enumerate(new):
+                self._put(keys[row], host[i, width - lengths[row]:])

@@ -47,7 +47,7 @@ from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
 from reft_lab.models.layers import compiled_layers
 from reft_lab.models.loading import DTYPES, model_config_only
-from reft_lab.prefix_cache import PrefixCache
+from reft_lab.prefix_cache import PrefixCache, stochastic_prefix
 
 
 @dataclass(kw_only=True)
@@ -65,7 +65,7 @@ class TrainerConfig:
     group_by_length: bool = False  # batches of similar length (less padding); changes the data order
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
     compile: bool = False  # torch.compile each decoder block: fused pointwise ops, less memory; one cold compile
-    prefix_cache: bool = False  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
+    prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
     prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache
     prefix_cache_spill: bool = False  # past the bound, spill entries to <job dir>/prefix_cache
@@ -363,6 +363,8 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
                 checkpoint()
     tuned.eval()
+    if cache is not None and dist_info.main:
+        print(f"reft-lab: {cache.summary()}")
     return TrainStats(progress.step, progress.last_loss, progress.elapsed_s,
                       progress.tokens / progress.elapsed_s if progress.elapsed_s else None)
 
@@ -370,6 +372,10 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
 def _prefix_cache(tuned: TunedModel, t: TrainerConfig, job_dir: Path | None) -> PrefixCache | None:
     if not (t.prefix_cache and isinstance(tuned, ReftModel)) or min(tuned.layer_ids) == 0:
         return None  # nothing frozen below the first intervened layer
+    dropout = stochastic_prefix(tuned.model, min(tuned.layer_ids))
+    if dropout is not None:
+        print(f"reft-lab: trainer.prefix_cache is off for this model: dropout below the lowest intervened layer ({dropout})")
+        return None
     cache = PrefixCache(int(t.prefix_cache_gb * 2**30), DTYPES[t.prefix_cache_dtype] if t.prefix_cache_dtype else None,
                         job_dir / "prefix_cache" if (t.prefix_cache_spill and job_dir) else None)
     cache.bind(tuned.model, min(tuned.layer_ids), tuned.base_fingerprint or fingerprint(tuned.base_model))

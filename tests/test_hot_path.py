@@ -127,13 +127,13 @@ def test_prefix_cache_invalidation(tiny, tmp_path):
     with cache.around_batch(batch, "cpu"):
         tuned(batch.input_ids, attention_mask=batch.attention_mask)
     assert cache.memory and cache.on_disk and cache.bytes <= 10_000
-    assert all(cache._get(k, "cpu") is not None for k in keys)
+    assert all(cache._get(k) is not None for k in keys)
     cache.bind(tuned.model, 2, "fingerprint-a")  # same model and layer: kept
-    assert all(cache._get(k, "cpu") is not None for k in keys)
+    assert all(cache._get(k) is not None for k in keys)
     cache.bind(tuned.model, 3, "fingerprint-a")  # layers changed
     assert not cache.memory and not cache.on_disk and not list((tmp_path / "spill").iterdir())
     cache.bind(tuned.model, 2, "fingerprint-b")  # model changed
-    assert all(cache._get(k, "cpu") is None for k in keys)
+    assert all(cache._get(k) is None for k in keys)
     other = [PrefixCache.key(e.prompt + e.response) for e in _examples([(30, 10)], seed=9)]
     assert other[0] not in keys  # new data: a new key, a miss
 
@@ -145,7 +145,18 @@ def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
     assert set(record["providers"]) == {"reft_lab_loreft", "pyreft_loreft", "peft_lora"}
     assert all(v["median_s"] > 0 for v in record["providers"].values())
     assert "reft_lab_loreft/pyreft_loreft_step" in record["ratios"]
+    assert set(record["paired_step_ratios"]) == {"reft_lab_loreft/pyreft_loreft_step", "reft_lab_loreft/peft_lora_step"}
+    assert {p: len(t) for p, t in record["times_s"].items()} == {p: 2 for p in record["providers"]}
     assert (tmp_path / "train_step.csv").read_text().count("\n") == 4
+
+
+def test_bench_ratios_of_medians_and_paired_per_round():
+    from reft_lab.bench import ratios
+
+    times = {"reft_lab_loreft": [1.0, 3.0, 3.0], "pyreft_loreft": [2.0, 2.5, 6.0]}
+    of_medians, paired = ratios(times, {"reft_lab_loreft": 30, "pyreft_loreft": 60})
+    assert of_medians == {"reft_lab_loreft/pyreft_loreft_step": 3.0 / 2.5, "reft_lab_loreft/pyreft_loreft_memory": 0.5}
+    assert paired == {"reft_lab_loreft/pyreft_loreft_step": 0.5}  # rounds: 0.5, 1.2, 0.5
 
 
 def test_chunked_cross_entropy_equals_one_chunk(tiny, monkeypatch):
@@ -234,3 +245,47 @@ def test_bench_profile_prints_the_op_table(capsys):
     assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "1", "--profile", "reft_lab_loreft"]) == 0
     out = capsys.readouterr().out
     assert "aten::mm" in out and "Self CPU time total" in out
+
+
+def test_prefix_cache_entries_are_host_copies_of_their_rows(tiny):
+    tuned = attach(tiny().model, {"name": "loreft", "layers": [2]})
+    cache = PrefixCache(2**30, dtype=torch.bfloat16)
+    cache.bind(tuned.model, 2, "fp")
+    examples = _examples([(9, 3), (5, 2)])
+    batch = collate_train([examples[0], examples[1], examples[0]], 0)  # one example twice
+    with cache.around_batch(batch, "cpu"):
+        tuned(batch.input_ids, attention_mask=batch.attention_mask)
+    assert len(cache.memory) == 2
+    for entry, example in zip(cache.memory.values(), examples):
+        assert entry.device.type == "cpu" and entry.dtype == torch.bfloat16
+        assert entry.shape == (len(example.prompt) + len(example.response), 64)
+        # its own storage: a view into the batch would keep all of it alive behind the byte count
+        assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
+    assert cache.bytes == sum(e.numel() * e.element_size() for e in cache.memory.values())
+    assert "0 of 1 batches skipped layers 0-1 (2 examples" in cache.summary()
+
+
+def test_stochastic_prefix_names_the_dropout_below_the_layer(tiny):
+    from reft_lab.models.layers import decoder_layers
+    from reft_lab.prefix_cache import stochastic_prefix
+
+    assert "p=0.1" in stochastic_prefix(tiny("gpt2").model, 1)  # GPT-2: embedding and block dropout
+    llama = tiny().model
+    assert stochastic_prefix(llama, 2) is None
+    decoder_layers(llama)[2].self_attn.attention_dropout = 0.1  # feeds layer 3's input, not layer 2's
+    assert stochastic_prefix(llama, 2) is None
+    assert stochastic_prefix(llama, 3) == "model.layers.2.self_attn: p=0.1"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_training_uses_the_prefix_cache_by_default_unless_dropout_feeds_it(tmp_path, capsys, arch):
+    args = ["train", "model=tiny", f"model.name_or_path=tiny:{arch}", "trainer=smoke", "method=loreft",
+            "method.layers=[2]", "task.train_size=8", "trainer.max_steps=5", "retention.knowledge_probe=2",
+            "retention.kl_prompts=2", "retention.leakage_prompts=2", "task.test_size=2", "logger=none",
+            f"hydra.run.dir={tmp_path}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    if arch == "llama":  # 8 examples in batches of 4: steps 3-5 are epochs 2-3
+        assert "prefix cache: 3 of 5 batches skipped layers 0-1 (8 examples" in out
+    else:
+        assert "trainer.prefix_cache is off for this model: dropout below the lowest intervened layer" in out

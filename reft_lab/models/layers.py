@@ -40,6 +40,23 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 @contextmanager
+def swapped_forwards(blocks, forward_for):
+    """Each block's ``forward`` replaced by ``forward_for(block)`` while the context lasts, then put
+    back exactly as it was: a block without its own ``forward`` attribute gets none, so no bound
+    method (a reference cycle) is left on the instance, and nested swaps unwind in order."""
+    originals = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        block.forward = forward_for(block)
+    try:
+        yield
+    finally:
+        for block, original in zip(blocks, originals):
+            if original is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = original
+
+
 def compiled_layers(model: nn.Module):
     """Each decoder block's forward through ``torch.compile`` while the context lasts.
 
@@ -49,15 +66,4 @@ def compiled_layers(model: nn.Module):
     instead of saving them (less activation memory). Restored on exit, so generation afterwards runs
     the plain layers (its growing KV cache would only trigger recompiles).
     """
-    blocks = decoder_layers(model)
-    originals = [block.__dict__.get("forward") for block in blocks]
-    for block in blocks:
-        block.forward = torch.compile(block.forward)
-    try:
-        yield
-    finally:
-        for block, original in zip(blocks, originals):
-            if original is None:
-                del block.forward  # back to the class's forward
-            else:
-                block.forward = original
+    return swapped_forwards(decoder_layers(model), lambda block: torch.compile(block.forward))
