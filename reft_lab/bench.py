@@ -67,7 +67,7 @@ def _optimizer_step(loss_fn, optimizer):
 def make_step(provider: str, model_name: str):
     """A closure running one optimizer step of ``provider`` on config A's batch."""
     from reft_lab.methods import attach
-    from reft_lab.train import build_optimizer, response_loss
+    from reft_lab.train import TrainerConfig, build_optimizer, hot_path, response_loss
 
     model = _model(model_name)
     device = next(model.parameters()).device
@@ -81,12 +81,9 @@ def make_step(provider: str, model_name: str):
         tuned = attach(model, cfg)
         if provider.endswith("ckpt"):
             tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        compiled = None
-        if provider.endswith("compiled"):
-            from reft_lab.models.layers import compiled_layers
-
-            compiled = compiled_layers(tuned.base_model)
-            compiled.__enter__()
+        # the training loop's own forward swaps at its defaults (compile only where the provider says)
+        swaps = hot_path(tuned, TrainerConfig(compile=provider.endswith("compiled")))
+        swaps.__enter__()
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
         cache = None
@@ -103,7 +100,7 @@ def make_step(provider: str, model_name: str):
                 return response_loss(tuned, batch)
 
         step = _optimizer_step(loss, optimizer)
-        step.compiled = compiled  # step holds it: a collected context manager would restore the layers
+        step.swaps = swaps  # step holds them: a collected ExitStack would restore the plain forwards
         return step
     labels = batch.input_ids.clone()
     labels[:, :PROMPT] = -100

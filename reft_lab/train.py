@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,6 +46,7 @@ from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
 from reft_lab.models.layers import compiled_layers
+from reft_lab.models.recompute import lean_gated_mlps
 from reft_lab.models.loading import DTYPES, model_config_only
 from reft_lab.prefix_cache import PrefixCache, stochastic_prefix
 
@@ -65,6 +66,7 @@ class TrainerConfig:
     group_by_length: bool = False  # batches of similar length (less padding); changes the data order
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
     compile: bool = False  # torch.compile each decoder block: fused pointwise ops, less memory; one cold compile
+    recompute_mlp_act: bool = True  # gated MLPs recompute act(gate) in backward instead of saving it (eager path)
     prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
     prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache
@@ -327,7 +329,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     start = time.perf_counter() - progress.elapsed_s
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
-    with stop_signals() as (received, previous), compiled_layers(tuned.base_model) if t.compile else nullcontext():
+    with stop_signals() as (received, previous), hot_path(tuned, t):
         for step in bar:
             step_loss, step_tokens = 0.0, 0
             for _ in range(t.grad_accum):
@@ -367,6 +369,18 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
         print(f"reft-lab: {cache.summary()}")
     return TrainStats(progress.step, progress.last_loss, progress.elapsed_s,
                       progress.tokens / progress.elapsed_s if progress.elapsed_s else None)
+
+
+def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:
+    """The training-time swaps of the model's forwards, undone on exit: compiled decoder blocks
+    (``trainer.compile``), or else gated MLPs that recompute act(gate) (``trainer.recompute_mlp_act``;
+    inductor already recomputes such ops in compiled blocks)."""
+    stack = ExitStack()
+    if t.compile:
+        stack.enter_context(compiled_layers(tuned.base_model))
+    elif t.recompute_mlp_act:
+        stack.enter_context(lean_gated_mlps(tuned.base_model))
+    return stack
 
 
 def _prefix_cache(tuned: TunedModel, t: TrainerConfig, job_dir: Path | None) -> PrefixCache | None:

@@ -289,3 +289,37 @@ def test_training_uses_the_prefix_cache_by_default_unless_dropout_feeds_it(tmp_p
         assert "prefix cache: 3 of 5 batches skipped layers 0-1 (8 examples" in out
     else:
         assert "trainer.prefix_cache is off for this model: dropout below the lowest intervened layer" in out
+
+
+@pytest.mark.parametrize("arch,expected", [("llama", 4), ("qwen2", 4), ("gpt2", 0), ("gpt_neox", 0)])
+def test_gated_mlps_are_found_by_their_forward(tiny, arch, expected):
+    from reft_lab.models.recompute import gated_mlps
+
+    assert len(gated_mlps(tiny(arch).model)) == expected
+
+
+def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny):
+    from reft_lab.models.layers import decoder_layers
+    from reft_lab.models.recompute import lean_gated_mlps
+
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    tuned = _fresh(tiny, {"name": "loreft", "layers": [1, 2]})
+
+    def run():
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = response_loss(tuned, batch)
+        loss.backward()
+        grads = _grads(tuned)
+        tuned.zero_grad()
+        activation = (*batch.input_ids.shape, tuned.base_model.config.intermediate_size)  # [B, T, intermediate]
+        return loss.detach(), grads, sum(1 for t in saved if t.shape == activation)
+
+    loss_plain, grads_plain, saved_plain = run()
+    with lean_gated_mlps(tuned.base_model) as swapped:
+        assert swapped == 4
+        loss_lean, grads_lean, saved_lean = run()
+    assert all("forward" not in layer.mlp.__dict__ for layer in decoder_layers(tuned.base_model)), "not restored"
+    assert torch.equal(loss_lean, loss_plain)
+    assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
+    assert (saved_plain, saved_lean) == (3 * 2, 2 * 2)  # per layer with grad (2, 3): gate and up, not act(gate)
