@@ -298,12 +298,17 @@ def test_gated_mlps_are_found_by_their_forward(tiny, arch, expected):
     assert len(gated_mlps(tiny(arch).model)) == expected
 
 
-def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny):
+@pytest.mark.parametrize("method,saved", [
+    ({"name": "loreft", "layers": [1, 2]}, (3 * 2, 2 * 2)),  # per layer with grad (2, 3): gate and up, not act(gate)
+    ({"name": "lora", "dropout": 0.0, "target_modules": ["gate_proj", "up_proj"]}, (3 * 4, 2 * 4)),  # wrapped linears
+    ({"name": "full"}, (3 * 4, 2 * 4)),  # weight gradients too
+], ids=["loreft", "lora-on-the-mlp", "full"])
+def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, method, saved):
     from reft_lab.models.layers import decoder_layers
     from reft_lab.models.recompute import lean_gated_mlps
 
     batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
-    tuned = _fresh(tiny, {"name": "loreft", "layers": [1, 2]})
+    tuned = _fresh(tiny, method)
 
     def run():
         saved = []
@@ -322,4 +327,4 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny):
     assert all("forward" not in layer.mlp.__dict__ for layer in decoder_layers(tuned.base_model)), "not restored"
     assert torch.equal(loss_lean, loss_plain)
     assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
-    assert (saved_plain, saved_lean) == (3 * 2, 2 * 2)  # per layer with grad (2, 3): gate and up, not act(gate)
+    assert (saved_plain, saved_lean) == saved
