@@ -75,16 +75,21 @@ def test_compiled_layers_equal_losses_and_gradients(tiny):
     from reft_lab.models.layers import compiled_layers, decoder_layers
 
     batches = [collate_train(_examples(lengths, seed), 0) for seed, lengths in enumerate([[(7, 3), (9, 5)], [(12, 4), (5, 2)]])]
-    results = []
+    results, graphs = [], []
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
     for compiled in (False, True):
         tuned = _fresh(tiny, {"name": "loreft", "layers": [1, 2]})
         with compiled_layers(tuned.base_model) if compiled else torch.enable_grad():
-            for batch in batches:  # two padded shapes: the second is a recompile, not a stale graph
+            for batch in batches:  # two padded shapes: the second must reuse the shape-generic graphs
                 loss = response_loss(tuned, batch)
                 loss.backward()
                 results.append((compiled, loss.detach(), _grads(tuned)))
                 tuned.zero_grad()
+                graphs.append(counters["stats"]["unique_graphs"])
         assert all("forward" not in block.__dict__ for block in decoder_layers(tuned.base_model)), "compile left behind"
+        assert not any(block._forward_pre_hooks for block in decoder_layers(tuned.base_model)), "shape hints left behind"
+    assert graphs == [0, 0, 2, 2], graphs  # blocks without and with an input gradient; no recompile
     plain, fused = [r for r in results if not r[0]], [r for r in results if r[0]]
     for (_, loss_p, grads_p), (_, loss_c, grads_c) in zip(plain, fused):
         torch.testing.assert_close(loss_c, loss_p, atol=1e-5, rtol=1e-5)
