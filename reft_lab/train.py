@@ -283,10 +283,12 @@ def stop_signals():
 
 
 def config_fingerprint(settings: RunSettings) -> str:
-    """What a checkpoint must match to be resumed (not logging or checkpoint cadence)."""
+    """What a checkpoint must match to be resumed: not logging or checkpoint cadence, and not the
+    memory-for-compute switches that leave every number as it was (checkpointing, the act(gate)
+    recompute, the cache's bound and spill)."""
     trainer = {k: v for k, v in asdict(settings.trainer).items()
                if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume", "eval_batch_size",
-                            "gradient_checkpointing", "prefix_cache_gb", "prefix_cache_spill")}
+                            "gradient_checkpointing", "recompute_mlp_act", "prefix_cache_gb", "prefix_cache_spill")}
     payload = {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
                "trainer": trainer, "seed": settings.seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -333,3 +333,17 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     assert torch.equal(loss_lean, loss_plain)
     assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
     assert (saved_plain, saved_lean) == saved
+
+
+def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
+    from dataclasses import replace
+
+    from reft_lab.config import compose
+    from reft_lab.train import RunSettings, config_fingerprint
+
+    base = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=loreft"]))
+    same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"prefix_cache_gb": 1.0}]
+    for change in same:
+        assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) == config_fingerprint(base), change
+    for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}]:  # these change numbers
+        assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) != config_fingerprint(base), change
