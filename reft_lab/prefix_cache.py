@@ -30,7 +30,8 @@ def stochastic_prefix(model: torch.nn.Module, layer: int) -> str | None:
     """The first dropout (p > 0) that feeds the hidden state entering decoder block ``layer`` in
     training mode, as "<module>: p=<p>", or None when that state depends only on the weights and the
     tokens. Caching a stochastic state would replay the first epoch's dropout masks in every later
-    epoch."""
+    epoch. Conservative: every module outside blocks ``layer`` onwards counts, so a dropout after the
+    last block (none in the supported architectures) would also turn the cache off."""
     blocks = decoder_layers(model)
     above = {id(m) for block in blocks[layer:] for m in block.modules()}
     for name, module in model.named_modules():

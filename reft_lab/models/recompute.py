@@ -1,6 +1,6 @@
 """Gated MLPs that keep act(gate) out of training memory.
 
-A gated MLP (Llama, Mistral, Qwen2, Gemma, ...) computes ``down(act(gate(x)) * up(x))``. Autograd
+A gated MLP (Llama and Qwen2 among the tested shapes) computes ``down(act(gate(x)) * up(x))``. Autograd
 saves three [tokens, intermediate] tensors per layer for it: gate (for act's backward), act(gate)
 and up (for the product's backward). ``GatedProduct`` saves gate and up only and recomputes
 act(gate) in backward, one cheap pointwise op, so a third of the MLP's saved activations go: about
