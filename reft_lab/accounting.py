@@ -84,5 +84,5 @@ def fingerprint(model: nn.Module) -> str | None:
             return None
         data = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
-        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers (GPT-2 on transformers 4.x)
     return digest.hexdigest()

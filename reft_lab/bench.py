@@ -96,7 +96,7 @@ def make_step(provider: str, model_name: str):
             cache.bind(tuned.model, min(LAYERS), "bench")
 
         def loss():
-            with cache.around_batch(batch, device) if cache else nullcontext():
+            with cache.around_batch(batch) if cache else nullcontext():
                 return response_loss(tuned, batch)
 
         step = _optimizer_step(loss, optimizer)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from reft_lab.errors import ReftLabError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -34,6 +36,10 @@ def setup() -> Dist:
     if world <= 1:
         return Dist()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        raise ReftLabError(f"process {local_rank} of {local_processes()} on this node has no GPU: {torch.cuda.device_count()} "
+                           "visible; start at most one process per GPU (torchrun --nproc_per_node), or hide them "
+                           "(CUDA_VISIBLE_DEVICES=) to train on the CPU")
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)

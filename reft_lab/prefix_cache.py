@@ -4,9 +4,12 @@ With a frozen base, the hidden state entering the lowest intervened layer depend
 model and the input tokens. After an example's first pass, its [T, d] hidden state there is kept
 (memory-bounded, optional spill to disk); a batch whose examples are all cached skips the decoder
 layers below that layer: each of them returns the cached state. Embeddings, masks and rotary
-tables are still computed (cheap), so the trick needs no per-architecture code. Entries live in
-host memory whatever the training device: the bound is RAM, never accelerator memory, and a hit
-costs one [B, T, d] copy to the device (small next to the layers it skips).
+tables are still computed (cheap), so the trick needs no per-architecture code. Entries live on
+the device the model runs on: on a GPU a hit assembles the batch's state there and a miss keeps
+its rows with a device-to-device copy, so neither waits on a host transfer (host-resident entries,
+a synchronous copy per batch, made GPU training slower than no cache). On a GPU the bound is also
+capped at a quarter of the device memory free when the cache is bound; past it, entries spill to
+disk when a spill directory is set, else the example simply misses later.
 
 Identity of the cache: base fingerprint + layer + dtype, checked by ``bind``; entries are keyed by
 the example's token ids, so new data misses. Numerics: a cached state was computed inside another
@@ -59,7 +62,11 @@ class PrefixCache:
             self.clear()
             self.identity = identity
         self.blocks = decoder_layers(model)[:layer]
-        self.model_dtype = next(model.parameters()).dtype  # cached states are handed on in this dtype
+        param = next(model.parameters())
+        self.model_dtype, self.device = param.dtype, param.device  # cached states are handed on in this dtype, kept here
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.max_bytes = min(self.max_bytes, free // 4)
 
     def clear(self) -> None:
         self.memory.clear()
@@ -71,8 +78,9 @@ class PrefixCache:
     def summary(self) -> str:
         skipped = f"layers 0-{len(self.blocks) - 1}" if len(self.blocks) > 1 else "layer 0"
         spilled = f", {len(self.on_disk)} spilled to disk" if self.on_disk else ""
+        where = "in memory" if self.device.type == "cpu" else f"on {self.device}"
         return (f"prefix cache: {self.hits} of {self.hits + self.misses} batches skipped {skipped} "
-                f"({len(self.memory)} examples, {self.bytes / 2**20:.1f} MiB in memory{spilled})")
+                f"({len(self.memory)} examples, {self.bytes / 2**20:.1f} MiB {where}{spilled})")
 
     @staticmethod
     def key(token_ids: list[int]) -> str:
@@ -82,12 +90,12 @@ class PrefixCache:
         if key in self.memory:
             return self.memory[key]
         if key in self.on_disk:
-            return load_file(self.spill_dir / f"{key}.safetensors")["h"]
+            return load_file(self.spill_dir / f"{key}.safetensors", device=str(self.device))["h"]
         return None
 
     def _put(self, key: str, hidden: torch.Tensor) -> None:
-        """``hidden``: one row of a host copy of the batch; cloned, so an entry never keeps the
-        whole batch's storage alive behind the byte count."""
+        """``hidden``: one row of the batch's state; cloned, so an entry never keeps the whole
+        batch's storage alive behind the byte count."""
         hidden = hidden.clone()
         size = hidden.numel() * hidden.element_size()
         if self.bytes + size <= self.max_bytes:
@@ -95,17 +103,17 @@ class PrefixCache:
             self.bytes += size
         elif self.spill_dir is not None:
             self.spill_dir.mkdir(parents=True, exist_ok=True)
-            save_file({"h": hidden}, self.spill_dir / f"{key}.safetensors")
+            save_file({"h": hidden.cpu()}, self.spill_dir / f"{key}.safetensors")
             self.on_disk.add(key)
 
-    def around_batch(self, batch, device):
+    def around_batch(self, batch):
         """``around`` for a TrainBatch: its examples' tokens are the keys."""
         keys = [self.key(e.prompt + e.response) for e in batch.examples]
         lengths = [len(e.prompt) + len(e.response) for e in batch.examples]
-        return self.around(keys, lengths, batch.input_ids.shape[1], device)
+        return self.around(keys, lengths, batch.input_ids.shape[1])
 
     @contextmanager
-    def around(self, keys: list[str], lengths: list[int], width: int, device):
+    def around(self, keys: list[str], lengths: list[int], width: int):
         """Wrap one forward pass of a left-padded batch (row b holds ``lengths[b]`` tokens)."""
         if not self.blocks:
             yield
@@ -113,12 +121,9 @@ class PrefixCache:
         cached = [self._get(k) for k in keys]
         if all(c is not None for c in cached):
             self.hits += 1
-            device = torch.device(device)
-            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=self.model_dtype,
-                                 pin_memory=device.type == "cuda")
+            hidden = torch.zeros(len(keys), width, cached[0].shape[-1], dtype=self.model_dtype, device=self.device)
             for row, (h, n) in enumerate(zip(cached, lengths)):
                 hidden[row, width - n:] = h
-            hidden = hidden.to(device, non_blocking=True)
             with swapped_forwards(self.blocks, lambda block: lambda *args, **kwargs: hidden):
                 yield  # every skipped layer hands on the cached state
             return
@@ -133,6 +138,6 @@ class PrefixCache:
         new = list({key: row for row, key in reversed(list(enumerate(keys)))
                     if key not in self.memory and key not in self.on_disk}.values())  # a repeated example once
         if isinstance(out, torch.Tensor) and new:  # layers that return tuples are not cached
-            host = out.detach()[new].to("cpu", self.dtype or out.dtype)  # one transfer per batch
+            rows = out.detach()[new].to(self.dtype or out.dtype)
             for i, row in enumerate(new):
-                self._put(keys[row], host[i, width - lengths[row]:])
+                self._put(keys[row], rows[i, width - lengths[row]:])

@@ -45,6 +45,7 @@ from reft_lab.methods import MethodConfig, ReftModel, TunedModel, attach, method
 from reft_lab.methods.weights import NoneConfig
 from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
+from reft_lab.models.head import logits_at
 from reft_lab.models.layers import compiled_layers
 from reft_lab.models.recompute import lean_gated_mlps
 from reft_lab.models.loading import DTYPES, model_config_only
@@ -143,13 +144,17 @@ class RunSettings:
 
     def preflight(self) -> None:
         """Attach the method to a meta-device copy built from the model's config alone: layer
-        indices, rank and target modules are checked in seconds, before any weights load."""
+        indices, rank and target modules are checked in seconds, before any weights load; so is
+        what the method needs of the device the weights will load on (the fused kernel's)."""
         config = model_config_only(self.model)
         if config is not None:
             from transformers import AutoModelForCausalLM
 
             with torch.device("meta"):
                 attach(AutoModelForCausalLM.from_config(config), self.method)
+        device = self.model.resolved_device()
+        if device.type != "meta":
+            self.method.check_device(device, self.model.torch_dtype, getattr(config, "hidden_size", 0))
 
 
 def build_optimizer(tuned: TunedModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -225,14 +230,14 @@ CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded me
 
 def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """Mean cross-entropy over response tokens. The LM head runs only on the positions whose next
-    token is supervised (a boolean ``logits_to_keep``: one contiguous [N, d] matmul, no logits for
-    prompt or padding), and the loss runs over row chunks so no full fp32 copy of a
-    large-vocabulary logit tensor is made."""
+    token is supervised (``logits_at``: one contiguous [N, d] matmul, no logits for prompt or
+    padding), and the loss runs over row chunks so no full fp32 copy of a large-vocabulary logit
+    tensor is made."""
     supervised = batch.labels != -100  # [B, R]: right-aligned, so each row's response is a suffix
     predicts = predicting_positions(batch.input_ids.shape[1], supervised.sum(1))
-    logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
-                   position_ids=position_ids(batch.attention_mask), logits_to_keep=predicts, use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])
+    with logits_at(tuned, predicts):
+        logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
+                       position_ids=position_ids(batch.attention_mask), use_cache=False).logits  # [N, V]
     targets = batch.labels[supervised]
     rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
     total = sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
@@ -336,7 +341,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             step_loss, step_tokens = 0.0, 0
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
-                with autocast, cache.around_batch(batch, device) if cache else nullcontext():
+                with autocast, cache.around_batch(batch) if cache else nullcontext():
                     loss = response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()

@@ -13,14 +13,18 @@ import torch  # noqa: E402
 from reft_lab.models import ModelConfig, load_model  # noqa: E402
 
 TINY_ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
+# the device under test: tests of the kernel and of the fused path build their models and tensors
+# here, so a CUDA machine runs the compiled kernel and a CPU-only one the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
 def tiny():
-    """tiny(arch) -> a fresh tiny random model (same weights every call) and its tokenizer."""
+    """tiny(arch) -> a fresh tiny random model (same weights every call) and its tokenizer, on the
+    CPU unless ``device`` says otherwise."""
 
-    def make(arch: str = "llama", dtype: str = "float32"):
-        return load_model(ModelConfig(name_or_path=f"tiny:{arch}", dtype=dtype, device="cpu"))
+    def make(arch: str = "llama", dtype: str = "float32", device: str = "cpu"):
+        return load_model(ModelConfig(name_or_path=f"tiny:{arch}", dtype=dtype, device=device))
 
     return make
 

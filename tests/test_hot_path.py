@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICE
 from reft_lab.accounting import fingerprint
 from reft_lab.cli import main
 from reft_lab.data.batching import EncodedExample, collate_train
@@ -106,7 +107,7 @@ def test_prefix_cache_equal_losses_and_gradients(tiny):
     cache.bind(cached.model, 2, fingerprint(cached.base_model))
 
     def run(tuned, batch, use_cache):
-        with cache.around_batch(batch, "cpu") if use_cache else torch.enable_grad():
+        with cache.around_batch(batch) if use_cache else torch.enable_grad():
             loss = response_loss(tuned, batch)
         loss.backward()
         grads = _grads(tuned)
@@ -129,7 +130,7 @@ def test_prefix_cache_invalidation(tiny, tmp_path):
     cache.bind(tuned.model, 2, "fingerprint-a")
     batch = collate_train(_examples([(30, 10), (30, 10), (20, 5)]), 0)  # 3 × ~40 × 64 floats > 10 kB: spills
     keys = [PrefixCache.key(e.prompt + e.response) for e in batch.examples]
-    with cache.around_batch(batch, "cpu"):
+    with cache.around_batch(batch):
         tuned(batch.input_ids, attention_mask=batch.attention_mask)
     assert cache.memory and cache.on_disk and cache.bytes <= 10_000
     assert all(cache._get(k) is not None for k in keys)
@@ -252,17 +253,18 @@ def test_bench_profile_prints_the_op_table(capsys):
     assert "aten::mm" in out and "Self CPU time total" in out
 
 
-def test_prefix_cache_entries_are_host_copies_of_their_rows(tiny):
-    tuned = attach(tiny().model, {"name": "loreft", "layers": [2]})
+@pytest.mark.parametrize("device", sorted({"cpu", DEVICE}))
+def test_prefix_cache_entries_are_copies_of_their_rows_on_the_model_device(tiny, device):
+    tuned = attach(tiny(device=device).model, {"name": "loreft", "layers": [2]})
     cache = PrefixCache(2**30, dtype=torch.bfloat16)
     cache.bind(tuned.model, 2, "fp")
     examples = _examples([(9, 3), (5, 2)])
-    batch = collate_train([examples[0], examples[1], examples[0]], 0)  # one example twice
-    with cache.around_batch(batch, "cpu"):
+    batch = collate_train([examples[0], examples[1], examples[0]], 0).to(device)  # one example twice
+    with cache.around_batch(batch):
         tuned(batch.input_ids, attention_mask=batch.attention_mask)
     assert len(cache.memory) == 2
     for entry, example in zip(cache.memory.values(), examples):
-        assert entry.device.type == "cpu" and entry.dtype == torch.bfloat16
+        assert entry.device.type == device and entry.dtype == torch.bfloat16
         assert entry.shape == (len(example.prompt) + len(example.response), 64)
         # its own storage: a view into the batch would keep all of it alive behind the byte count
         assert entry.untyped_storage().nbytes() == entry.numel() * entry.element_size()
@@ -347,3 +349,30 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) == config_fingerprint(base), change
     for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}]:  # these change numbers
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) != config_fingerprint(base), change
+
+
+@pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2]}, {"name": "lora", "dropout": 0.0}], ids=["loreft", "lora"])
+def test_scoring_needs_no_more_than_an_integer_logits_to_keep(tiny, method, monkeypatch):
+    """transformers before 5.23 index ``hidden_states[:, logits_to_keep, :]``: a [B, T] boolean
+    raises there. Loss, teacher-forced log-probs and option scores must run on such a model."""
+    from reft_lab.data.batching import PromptEncoder
+    from reft_lab.evaluation.generation import continuation_logprobs, option_scores
+
+    loaded = tiny()
+    cls = type(loaded.model)
+    current = cls.forward
+
+    def older(self, *args, logits_to_keep=0, **kwargs):
+        if not isinstance(logits_to_keep, int):
+            raise IndexError("too many indices for tensor of dimension 3")  # what 4.56 to 5.22 raise
+        return current(self, *args, logits_to_keep=logits_to_keep, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", older)
+    tuned = _fresh(lambda: loaded, method)
+    examples = _examples([(7, 3), (9, 5)])
+    assert response_loss(tuned, collate_train(examples, 0)).isfinite()
+    tuned.eval()
+    encoder = PromptEncoder(loaded.tokenizer)
+    prompts = [e.prompt for e in examples]
+    assert [lp.shape[0] for lp in continuation_logprobs(tuned, encoder, prompts, [e.response for e in examples], 2)] == [3, 5]
+    assert [len(s) for s in option_scores(tuned, encoder, prompts, [[[5, 6], [7]], [[8, 9, 10]]], 2)] == [2, 1]

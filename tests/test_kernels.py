@@ -7,9 +7,9 @@ tiny shapes. Tests marked gpu run the compiled kernel on CUDA.
 import pytest
 import torch
 
+from conftest import DEVICE
 from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit, low_rank_edit_reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
 # (batch, T, d, rank, index rows, valid rows): one row; both sequence edges with a padded slot;
 # d = 576 (SmolLM2) and d = 50 (not a power of two); rank 1 to 32
@@ -84,7 +84,8 @@ def test_bad_input_is_refused(change, needle):
 
 def test_module_falls_back_to_reference_above_the_rank_limit():
     (h, _, _, _), index, valid = _inputs(SHAPES[0], torch.float32)
-    A, B, b = torch.randn(MAX_RANK + 1, 48), torch.randn(MAX_RANK + 1, 48), torch.randn(MAX_RANK + 1)
+    A, B, b = (torch.randn(MAX_RANK + 1, 48, device=DEVICE), torch.randn(MAX_RANK + 1, 48, device=DEVICE),
+               torch.randn(MAX_RANK + 1, device=DEVICE))
     torch.testing.assert_close(FusedLowRankEdit()(h, index, valid, A, B, b), low_rank_edit_reference(h, index, valid, A, B, b))
 
 
@@ -134,7 +135,7 @@ def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
 
     losses = {}
     for impl in ("eager", "triton"):
-        settings = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", f"method={name}", f"method.impl={impl}",
+        settings = RunSettings.from_cfg(compose(["model=tiny", f"model.device={DEVICE}", "trainer=smoke", f"method={name}", f"method.impl={impl}",
                                                  "method.layers=[1,3]", "method.rank=2", "task.train_size=12"]))
         seed_everything(0)
         loaded = load_model(settings.model)
@@ -160,15 +161,32 @@ def test_served_adapters_give_the_same_logits_with_triton_and_eager(tiny, batch,
     dirs = []
     for k, name in enumerate(["loreft", "direft"]):
         torch.manual_seed(k)
-        dirs.append(save_adapter(attach(tiny().model, {"name": name, "layers": [1, 3], "rank": 2}), tmp_path / name))
-    ids, mask, lengths = batch
+        dirs.append(save_adapter(attach(tiny(device=DEVICE).model, {"name": name, "layers": [1, 3], "rank": 2}), tmp_path / name))
+    ids, mask, lengths = (t.to(DEVICE) for t in batch)
     logits = {}
     for impl in ("eager", "triton"):
-        served = load_adapter_bank(tiny().model, dirs)
+        served = load_adapter_bank(tiny(device=DEVICE).model, dirs)
         served.config.impl = impl
         with torch.no_grad():
-            logits[impl] = served(ids, attention_mask=mask, prompt_lengths=lengths, adapter_ids=torch.tensor([1, 0])).logits
+            logits[impl] = served(ids, attention_mask=mask, prompt_lengths=lengths,
+                                  adapter_ids=torch.tensor([1, 0], device=DEVICE)).logits
     torch.testing.assert_close(logits["triton"], logits["eager"], atol=1e-5, rtol=1e-5)
+
+
+def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monkeypatch):
+    """The preflight attaches to a meta-device copy: the kernel check asks of the load device, so
+    impl=triton passes for a CUDA model (CUDA faked, interpreter off) and fails, before any load,
+    for a CPU one."""
+    from reft_lab.config import compose
+    from reft_lab.errors import ConfigError
+    from reft_lab.train import RunSettings
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device in ("cuda", "auto"):
+        RunSettings.from_cfg(compose(["model=tiny", f"model.device={device}", "method=loreft", "method.impl=triton"])).preflight()
+    with pytest.raises(ConfigError, match="method.impl.*needs CUDA"):
+        RunSettings.from_cfg(compose(["model=tiny", "model.device=cpu", "method=loreft", "method.impl=triton"])).preflight()
 
 
 def test_impl_triton_errors_where_the_kernel_cannot_run(tiny, monkeypatch):
@@ -205,3 +223,25 @@ def test_in_place_on_a_layer_output_keeps_gradients_exact():
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, (x, A, B, b), grad), torch.autograd.grad(ref, (x, A, B, b), grad)):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_benchmark_writes_every_row(tmp_path):
+    """Every provider, mode and dtype gives a row: pyreft's bf16 rows run its module in fp32 (no
+    bf16 QR on CUDA) and its backward differentiates pyreft's own parameters."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "kernels" / "bench_kernels.py"
+    out = tmp_path / "rows.csv"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--shapes", "tiny"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    seen = {(r["provider"], r["mode"], r["dtype"]) for r in rows}
+    for dtype in ("bfloat16", "float32"):
+        for provider in ("triton", "eager", "pyreft"):
+            assert {(provider, mode, dtype) for mode in ("fwd", "bwd", "full")} <= seen
+    assert all(float(r["median_ms"]) > 0 for r in rows)
+    assert {r["params_dtype"] for r in rows if r["provider"] == "pyreft"} == {"float32"}

@@ -73,7 +73,7 @@ def position_ids(attention_mask: torch.Tensor, start: torch.Tensor | int = 0) ->
 
 def predicting_positions(width: int, counts: torch.Tensor) -> torch.Tensor:
     """[B, width] bool: in a left-padded batch whose row b ends with ``counts[b]`` scored tokens, the
-    positions whose next token is one of them (what ``logits_to_keep`` needs)."""
+    positions whose next token is one of them (what ``models.head.logits_at`` takes)."""
     cols = torch.arange(width, device=counts.device)
     return (cols >= width - 1 - counts[:, None]) & (cols < width - 1)
 

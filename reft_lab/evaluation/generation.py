@@ -8,6 +8,7 @@ from transformers import GenerationConfig
 
 from reft_lab.data.batching import PromptEncoder, left_pad, position_ids, predicting_positions
 from reft_lab.methods import TunedModel
+from reft_lab.models.head import logits_at
 
 
 def _by_length(sequences: list[list[int]], batch_size: int):
@@ -41,15 +42,16 @@ def generate(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]]
 def _teacher_forced(model: TunedModel, encoder: PromptEncoder, prompts: list[list[int]], continuations: list[list[int]],
                     batch_size: int, desc: str):
     """Yields (i, log p(· | prompt_i, continuation_i[:t]) for each t: [C_i, V]), batched by length.
-    The LM head runs on the continuation positions only (a boolean ``logits_to_keep``)."""
+    The LM head runs on the continuation positions only (``logits_at``)."""
     device = next(model.parameters()).device
     for chunk in tqdm(_by_length([p + c for p, c in zip(prompts, continuations)], batch_size), desc=desc, leave=False, unit="batch"):
         ids, mask = left_pad([prompts[i] + continuations[i] for i in chunk], encoder.pad_id)
         counts = [len(continuations[i]) for i in chunk]
         predicts = predicting_positions(ids.shape[1], torch.tensor(counts))
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
-        logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths, position_ids=position_ids(mask).to(device),
-                       logits_to_keep=predicts.to(device), use_cache=False).logits  # [Σ counts, V]
+        with logits_at(model, predicts.to(device)):
+            logits = model(ids.to(device), attention_mask=mask.to(device), prompt_lengths=lengths,
+                           position_ids=position_ids(mask).to(device), use_cache=False).logits  # [Σ counts, V]
         yield from zip(chunk, torch.log_softmax(logits.float(), -1).split(counts))
 
 
@@ -74,8 +76,11 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
         ids, mask = left_pad([prompts[i] for i in chunk], encoder.pad_id)
         ids, mask = ids.to(device), mask.to(device)
         lengths = torch.tensor([len(prompts[i]) for i in chunk], device=device)
-        first = model(ids, attention_mask=mask, prompt_lengths=lengths, position_ids=position_ids(mask), use_cache=True, logits_to_keep=1)
-        first_logprobs = torch.log_softmax(first.logits[:, -1].float(), -1)  # each option's first token
+        last = torch.zeros_like(mask, dtype=torch.bool)
+        last[:, -1] = True
+        with logits_at(model, last):
+            first = model(ids, attention_mask=mask, prompt_lengths=lengths, position_ids=position_ids(mask), use_cache=True)
+        first_logprobs = torch.log_softmax(first.logits.float(), -1)  # [B, V]: each option's first token
         rows = [(b, option) for b, i in enumerate(chunk) for option in options[i]]
         owner = torch.tensor([b for b, _ in rows], device=device)
         first_tokens = torch.tensor([option[0] if option else 0 for _, option in rows], device=device)
@@ -91,9 +96,10 @@ def option_scores(model: TunedModel, encoder: PromptEncoder, prompts: list[list[
             cache = first.past_key_values
             cache.reorder_cache(owner)  # one copy of its prompt's cache per option
             option_mask = option_mask.to(device)
-            logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask], 1),
-                                 position_ids=position_ids(option_mask, mask.sum(-1)[owner]), past_key_values=cache,
-                                 logits_to_keep=predicts.to(device), use_cache=False).logits  # row-major over (option, token)
+            with logits_at(model, predicts.to(device)):
+                logits = model.model(input_ids=option_ids.to(device), attention_mask=torch.cat([mask[owner], option_mask], 1),
+                                     position_ids=position_ids(option_mask, mask.sum(-1)[owner]), past_key_values=cache,
+                                     use_cache=False).logits  # row-major over (option, token)
             targets = torch.tensor([t for _, option in rows for t in option[1:]], device=device)
             which = torch.tensor([r for r, (_, option) in enumerate(rows) for _ in option[1:]], device=device)
             token_logprobs = torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).squeeze(1)

@@ -9,8 +9,9 @@ from reft_lab.kernels.low_rank_edit import (
     MAX_RANK,
     FusedLowRankEdit,
     fused_low_rank_edit,
+    kernel_problem,
     low_rank_edit_reference,
     triton_usable,
 )
 
-__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "fused_low_rank_edit", "low_rank_edit_reference", "triton_usable"]
+__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "fused_low_rank_edit", "kernel_problem", "low_rank_edit_reference", "triton_usable"]

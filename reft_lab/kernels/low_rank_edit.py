@@ -42,18 +42,24 @@ def low_rank_edit_reference(hidden, index, valid, A, B, b, adapter=None):
     return hidden.scatter_add(1, idx, delta.to(hidden.dtype))
 
 
-def triton_usable(hidden: torch.Tensor, rank: int) -> str | None:
-    """Why the fused kernel cannot run on these inputs (None when it can)."""
+def kernel_problem(device: torch.device, dtype: torch.dtype, hidden_size: int, rank: int) -> str | None:
+    """Why the fused kernel cannot edit hidden states of this device, dtype and size at this rank
+    (None when it can). Also asked before a model loads, of the device it will load on."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not (hidden.is_cuda or interpret):
-        return f"device {hidden.device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1)"
-    if hidden.dtype not in DTYPES:
-        return f"dtype {hidden.dtype} (supported: float32, bfloat16, float16)"
+    if not (device.type == "cuda" or interpret):
+        return f"device {device.type} (the Triton kernel needs CUDA, or TRITON_INTERPRET=1)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} (supported: float32, bfloat16, float16)"
     if not 1 <= rank <= MAX_RANK:
         return f"rank {rank} (the kernel supports 1 to {MAX_RANK})"
-    if hidden.shape[-1] > MAX_HIDDEN:
-        return f"hidden size {hidden.shape[-1]} (the kernel supports up to {MAX_HIDDEN})"
+    if hidden_size > MAX_HIDDEN:
+        return f"hidden size {hidden_size} (the kernel supports up to {MAX_HIDDEN})"
     return None
+
+
+def triton_usable(hidden: torch.Tensor, rank: int) -> str | None:
+    """Why the fused kernel cannot run on these inputs (None when it can)."""
+    return kernel_problem(hidden.device, hidden.dtype, hidden.shape[-1], rank)
 
 
 @triton.jit

@@ -21,6 +21,10 @@ class MethodConfig:
         if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
             raise config_error("method.lr", self.lr, "a number ≥ 0")
 
+    def check_device(self, device: torch.device, dtype: torch.dtype, hidden: int) -> None:
+        """Raise a ConfigError when the method cannot run on a model of this device, parameter
+        dtype and hidden size. Asked before the weights load (of the device they will load on)."""
+
 
 
 class TunedModel(nn.Module):

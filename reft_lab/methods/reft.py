@@ -63,6 +63,15 @@ class ReftConfig(MethodConfig):
             raise config_error("method.dtype", self.dtype, f"null or one of {', '.join(DTYPES)}")
         self.spec  # parse now: a malformed spec fails at config time
 
+    def check_device(self, device: torch.device, dtype: torch.dtype, hidden: int) -> None:
+        """impl=triton needs the fused kernel to run where the model runs."""
+        if self.impl == "triton":
+            from reft_lab.kernels import kernel_problem
+
+            problem = kernel_problem(device, dtype, hidden, self.rank)
+            if problem:
+                raise config_error("method.impl", "triton", f"auto or eager: the fused kernel cannot run here ({problem})")
+
     @cached_property
     def spec(self) -> PositionSpec:
         return PositionSpec.parse(self.positions)
@@ -115,12 +124,8 @@ class ReftModel(TunedModel):
             self.interventions = nn.ModuleDict(
                 {intervention_key(i, g): make(d, config.rank, config.dropout, dtype) for i in self.layer_ids for g in self.groups}
             )
-        if config.impl == "triton":
-            from reft_lab.kernels import triton_usable
-
-            problem = triton_usable(torch.empty(1, 1, d, dtype=param.dtype, device=param.device), config.rank)
-            if problem:
-                raise config_error("method.impl", "triton", f"auto or eager: the fused kernel cannot run here ({problem})")
+        if param.device.type != "meta":  # a meta copy (the preflight) asks ReftConfig.check_device instead
+            config.check_device(param.device, param.dtype, d)
         self._active: Positions | None = None
         # serving K adapters at once (``serve``): per-(layer, group) stacked factors, and the
         # adapter id of each row of the current batch
