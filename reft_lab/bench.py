@@ -32,16 +32,76 @@ from reft_lab.data.batching import EncodedExample, collate_train
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
 PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "reft_lab_loreft_eager",
-             "pyreft_loreft", "peft_lora", "reft_lab_lora"]
+             "pyreft_loreft", "peft_lora", "reft_lab_lora", "floor"]
+# floor: the plain transformers model's forward plus the activation-gradient backward from the lowest
+# intervened layer, LM head on the response only, no intervention: what any LoReFT step computes
+
+# --scale: random-initialised Llama-family models built from a config on the device (no download).
+SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+            vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0)
+ONE_B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+             vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0)
+SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+               vocab_size=32000, tie_word_embeddings=False)
+# name: (model config, batch, prompt, response, layers, bf16 base weights on CUDA)
+SCALES = {
+    "smol_A": (SMOL, 8, 48, 16, [6, 12, 18, 24], False),  # config A's shapes, fp32
+    "smol_b32": (SMOL, 32, 448, 64, [6, 12, 18, 24], True),
+    "llama1b_b16": (ONE_B, 16, 448, 64, [3, 6, 9, 12], True),
+    "llama7b_b8": (SEVEN_B, 8, 448, 64, [6, 12, 18, 24], True),
+}
+BF16_BASE = {"on": False}  # the current scale's choice: frozen base in bf16 (trainable state stays fp32), autocast steps
+# dense bf16 tensor-core peak (FLOP/s) by GPU name, from NVIDIA's data sheets, for MFU
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 # reft_lab_loreft_eager forces method.impl=eager: on CUDA the fused kernel vs the eager edit; on a CPU
 # both are the eager path, so it is left out of the default list there
 DEFAULT_PROVIDERS = [p for p in PROVIDERS if torch.cuda.is_available() or p != "reft_lab_loreft_eager"]
 
 
 def _model(name: str):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("scale:"):
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**SCALES[name.removeprefix("scale:")][0], max_position_embeddings=2048))
+        return model.to(torch.bfloat16 if BF16_BASE["on"] else torch.float32).eval()
     from reft_lab.models import ModelConfig, load_model
 
-    return load_model(ModelConfig(name_or_path=name, device="cpu" if not torch.cuda.is_available() else "cuda")).model
+    return load_model(ModelConfig(name_or_path=name, device=device)).model
+
+
+def set_scale(name: str) -> str:
+    """Size the workload for ``--scale name``; returns the model name that builds it."""
+    _, BATCH_, PROMPT_, RESPONSE_, layers, bf16 = SCALES[name]
+    global BATCH, PROMPT, RESPONSE
+    BATCH, PROMPT, RESPONSE = BATCH_, PROMPT_, RESPONSE_
+    LAYERS[:] = layers
+    BF16_BASE["on"] = bf16 and torch.cuda.is_available()
+    return f"scale:{name}"
+
+
+def needed_flops(config, provider: str) -> float:
+    """The matmul FLOPs a provider's step needs, attention included (causal masking not discounted):
+    the forward of every layer, the LM head on the response only, and the backward the method needs.
+    ReFT (and the floor): activation gradients from the loss down to the lowest edited layer (a
+    frozen base has no weight gradients). LoRA: activation gradients through every layer (its
+    adapters' own FLOPs are negligible). Each backward of activations costs as much as its forward."""
+    d, inter, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    tokens, T = BATCH * (PROMPT + RESPONSE), PROMPT + RESPONSE
+    layer = 2 * tokens * (2 * d * d + 2 * d * kv + 3 * d * inter) + 4 * BATCH * T * T * d
+    head = 2 * BATCH * RESPONSE * d * config.vocab_size
+    lowest = 0 if "lora" in provider else min(LAYERS)
+    return (n_layers * layer + head) + ((n_layers - lowest) * layer + head)
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
 def _batch(device, vocab_size: int):
@@ -52,10 +112,12 @@ def _batch(device, vocab_size: int):
 
 
 def _optimizer_step(loss_fn, optimizer):
-    """One training step as every provider takes it: loss, backward, optimizer step, zeroed grads."""
+    """One training step as every provider takes it: loss, backward, optimizer step, zeroed grads.
+    With a bf16 base, the loss runs under bf16 autocast for every provider alike."""
 
     def step():
-        loss = loss_fn()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16_BASE["on"]):
+            loss = loss_fn()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -72,10 +134,12 @@ def make_step(provider: str, model_name: str):
     model = _model(model_name)
     device = next(model.parameters()).device
     batch = _batch(device, model.config.vocab_size)
+    if provider == "floor":
+        return _floor_step(model, batch)
     if provider.startswith("reft_lab"):
         if "loreft" in provider:
             cfg = {"name": "loreft", "rank": RANK, "layers": LAYERS, "positions": f"f{FIRST}+l{LAST}", "tied": False,
-                   "impl": "eager" if provider.endswith("eager") else "auto"}
+                   "impl": "eager" if provider.endswith("eager") else "auto", "dtype": "float32"}
         else:
             cfg = {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
         tuned = attach(model, cfg)
@@ -134,6 +198,41 @@ def make_step(provider: str, model_name: str):
     raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
 
 
+def _floor_step(model, batch):
+    """The floor provider: the frozen model's forward, LM head on the response positions, and the
+    backward of activation gradients from the loss to the input of the lowest intervened layer
+    (made a leaf that requires grad). No intervention, no weight gradient, no optimizer."""
+    from reft_lab.models.layers import decoder_layers
+    from reft_lab.train import response_loss  # narrows the LM head to the supervised positions
+
+    model.requires_grad_(False)
+
+    def leaf_input(module, args, kwargs):
+        if args:
+            return (args[0].detach().requires_grad_(), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"].detach().requires_grad_()}
+
+    decoder_layers(model)[min(LAYERS)].register_forward_pre_hook(leaf_input, with_kwargs=True)
+
+    class Plain(torch.nn.Module):  # response_loss's calling convention on the bare model
+        def __init__(self):
+            super().__init__()
+            self.base_model = model
+
+        def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
+            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    plain = Plain()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16_BASE["on"]):
+            loss = response_loss(plain, batch)
+        loss.backward()
+        return loss.item()
+
+    return step
+
+
 def profile_step(provider: str, model_name: str, warmup: int) -> str:
     """Where one step's time goes: torch.profiler's table by self time, after ``warmup`` steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -169,6 +268,33 @@ def time_steps(providers: list[str], model_name: str, warmup: int, steps: int) -
         print(f"round {round_ + 1}/{warmup + steps}: " + ", ".join(f"{p} {times[p][-1]:.2f}s" for p in providers if times[p]),
               flush=True)
     return times
+
+
+def time_alone(providers: list[str], model_name: str, warmup: int, steps: int) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """CUDA, one provider at a time (a 7B model fits once): build, ``warmup`` steps, ``steps``
+    synchronised steps; peak allocated memory during them above what the built provider holds."""
+    import gc
+
+    times, memory = {}, {}
+    for provider in providers:
+        gc.collect()
+        torch.cuda.empty_cache()
+        step = make_step(provider, model_name)
+        for _ in range(warmup):
+            step()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        times[provider] = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times[provider].append(time.perf_counter() - start)
+        memory[provider] = int(torch.cuda.max_memory_allocated() - before)
+        print(f"{provider}: median {1e3 * statistics.median(times[provider]):.1f} ms, peak +{memory[provider] / 2**20:.0f} MiB", flush=True)
+        del step
+    return times, memory
 
 
 def gc_tensors():
@@ -235,7 +361,7 @@ def measure_memory(provider: str, model_name: str, steps: int) -> int:
 
 def _comparisons(providers) -> list[tuple[str, str]]:
     ours_loreft = [p for p in PROVIDERS if p.startswith("reft_lab_loreft") and p in providers]
-    pairs = [(ours, peer) for ours in ours_loreft for peer in ("pyreft_loreft", "peft_lora") if peer in providers]
+    pairs = [(ours, peer) for ours in ours_loreft for peer in ("pyreft_loreft", "peft_lora", "floor") if peer in providers]
     return pairs + ([("reft_lab_lora", "peft_lora")] if {"reft_lab_lora", "peft_lora"} <= set(providers) else [])
 
 
@@ -275,7 +401,10 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reft-lab bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="the model of config A (ignored with --scale)")
+    parser.add_argument("--scale", choices=list(SCALES), default=None,
+                        help="a random-initialised model and workload of this size, built on the device: smol_A (config A's "
+                             "shapes), smol_b32, llama1b_b16, llama7b_b8 (bf16 base weights on CUDA); adds an MFU column")
     parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
@@ -286,25 +415,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one provider's memory
     opts = parser.parse_args(argv)
     LAYERS[:] = opts.layers
+    if opts.scale:
+        opts.model = set_scale(opts.scale)
     if opts.profile:
         print(profile_step(opts.profile, opts.model, opts.warmup))
         return 0
     if opts.memory_only:
         print(json.dumps({"provider": opts.memory_only, "peak_train_bytes": measure_memory(opts.memory_only, opts.model, opts.memory_steps)}))
         return 0
-    times = time_steps(opts.providers, opts.model, opts.warmup, opts.steps)
-    memory = {}
-    for provider in opts.providers:
-        proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", "--model", opts.model, "--memory-only", provider,
-                               "--memory-steps", str(opts.memory_steps), "--layers", *map(str, LAYERS)],
-                              capture_output=True, text=True, check=True, env={**os.environ, **LIVE_MEMORY_ENV})
-        memory[provider] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
+    if torch.cuda.is_available():
+        times, memory = time_alone(opts.providers, opts.model, opts.warmup, opts.steps)
+    else:
+        times = time_steps(opts.providers, opts.model, opts.warmup, opts.steps)
+        memory = {}
+        where = ["--scale", opts.scale] if opts.scale else ["--model", opts.model, "--layers", *map(str, LAYERS)]
+        for provider in opts.providers:
+            proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", *where, "--memory-only", provider,
+                                   "--memory-steps", str(opts.memory_steps)],
+                                  capture_output=True, text=True, check=True, env={**os.environ, **LIVE_MEMORY_ENV})
+            memory[provider] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
+    method = "cuda_alone_max_allocated" if torch.cuda.is_available() else MEMORY_METHOD
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
-              "config": {"model": opts.model, "batch": BATCH, "prompt": PROMPT, "response": RESPONSE, "layers": LAYERS,
-                         "rank": RANK, "positions": f"f{FIRST}+l{LAST}", "warmup": opts.warmup, "steps": opts.steps,
-                         "memory_method": MEMORY_METHOD},
+              "config": {"model": opts.model, "scale": opts.scale, "batch": BATCH, "prompt": PROMPT, "response": RESPONSE,
+                         "layers": LAYERS, "rank": RANK, "positions": f"f{FIRST}+l{LAST}", "warmup": opts.warmup,
+                         "steps": opts.steps, "bf16_base": BF16_BASE["on"], "memory_method": method},
               "providers": {p: {"median_s": statistics.median(times[p]), "p20_s": _quantile(times[p], 0.2),
                                 "p80_s": _quantile(times[p], 0.8), "peak_train_bytes": memory[p]} for p in opts.providers}}
+    peak = peak_flops()
+    if opts.scale and peak:
+        from transformers import LlamaConfig
+
+        config = LlamaConfig(**SCALES[opts.scale][0])
+        for p, v in record["providers"].items():
+            v["mfu"] = needed_flops(config, p) / v["median_s"] / peak
     record["ratios"], record["paired_step_ratios"] = ratios(times, memory)
     record["times_s"] = times  # every measured round, for re-analysis
     opts.out.mkdir(parents=True, exist_ok=True)
@@ -315,9 +458,10 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.writer(f)
         if new:
             writer.writerow(["date", "machine", "provider", "median_s", "p20_s", "p80_s", "peak_train_bytes", "torch", "transformers", "peft",
-                             "memory_method"])
+                             "memory_method", "scale", "mfu"])
         for p, v in record["providers"].items():
             writer.writerow([record["date"], record["machine"], p, f"{v['median_s']:.4f}", f"{v['p20_s']:.4f}", f"{v['p80_s']:.4f}",
-                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"], MEMORY_METHOD])
+                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"],
+                             method, opts.scale or "", f"{v['mfu']:.3f}" if "mfu" in v else ""])
     print(json.dumps({key: record[key] for key in ("machine", "providers", "ratios", "paired_step_ratios")}, indent=2))
     return 0

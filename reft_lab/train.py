@@ -250,7 +250,8 @@ class TrainStats:
     steps: int = 0
     final_loss: float | None = None
     wall_s: float = 0.0
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # steady state: after this process's first step
+    first_step_s: float | None = None  # this process's first step, with its Triton JIT / compile warm-up
 
 
 class TrialFailed(ReftLabError):
@@ -334,6 +335,8 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
         tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tuned.train()
     start = time.perf_counter() - progress.elapsed_s
+    warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (loss.item() synchronises)
+    first_step_s = None
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
     with stop_signals() as (received, previous), hot_path(tuned, t):
@@ -358,11 +361,16 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step, progress.last_loss = step + 1, step_loss
-            progress.elapsed_s = time.perf_counter() - start
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{progress.tokens / progress.elapsed_s:.0f}")
+            now = time.perf_counter()
+            if warm is None:
+                first_step_s = now - start - progress.elapsed_s
+                warm = (now, progress.tokens)
+            progress.elapsed_s = now - start
+            tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             if progress.step % t.log_every == 0 and dist_info.main:
                 logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                           "tokens_per_s": progress.tokens / progress.elapsed_s})
+                                           "tokens_per_s": tokens_per_s})
             if received:
                 checkpoint()
                 handler = previous.get(received[0])
@@ -374,8 +382,12 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     tuned.eval()
     if cache is not None and dist_info.main:
         print(f"reft-lab: {cache.summary()}")
-    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s,
-                      progress.tokens / progress.elapsed_s if progress.elapsed_s else None)
+    steady = None
+    if warm is not None and progress.tokens > warm[1]:
+        steady = (progress.tokens - warm[1]) / (start + progress.elapsed_s - warm[0])
+    elif progress.elapsed_s:
+        steady = progress.tokens / progress.elapsed_s  # one step in this process: warm-up included
+    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, steady, first_step_s)
 
 
 def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:
@@ -457,6 +469,7 @@ def run_job(cfg: DictConfig, out: Path, group: str = "") -> dict | None:
             "task_before": before_score, "task_after": after_score, "task_gain": after_score - before_score,
             "task_scores": {"before": base_results.task_scores, "after": after["task_scores"]},
             "retention": after["retention"], "train_wall_s": stats.wall_s, "tokens_per_s": stats.tokens_per_s,
+            "first_step_s": stats.first_step_s,
             "peak_mem_bytes": peak_memory_bytes(next(tuned.parameters()).device), "final_loss": stats.final_loss,
             "steps": stats.steps, "torch_threads": torch.get_num_threads(), "world_size": dist_info.world, "base_fingerprint_before": fingerprint_before,
             "base_fingerprint_after": fingerprint(tuned.base_model), "versions": versions(), "config": config,

@@ -156,6 +156,30 @@ def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
     assert (tmp_path / "train_step.csv").read_text().count("\n") == 4
 
 
+def test_bench_floor_provider_and_needed_flops(tmp_path):
+    """The floor (plain model, activation backward from the lowest edited layer, no edit) runs and
+    is compared with; needed FLOPs match a hand count."""
+    import reft_lab.bench as bench
+    from transformers import LlamaConfig
+
+    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2", "--memory-steps", "1",
+                 "--providers", "reft_lab_loreft", "floor", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
+    assert record["providers"]["floor"]["median_s"] > 0 and "reft_lab_loreft/floor_step" in record["ratios"]
+    bench.set_scale("smol_A")  # batch 8 × (48 + 16), layers from 6
+    try:
+        config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=10, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=100)
+        tokens = 8 * 64
+        layer = 2 * tokens * (2 * 64 + 2 * 8 * 4 + 3 * 8 * 16) + 4 * 8 * 64 * 64 * 8
+        head = 2 * 8 * 16 * 8 * 100
+        assert bench.needed_flops(config, "reft_lab_loreft") == (10 * layer + head) + (4 * layer + head)
+        assert bench.needed_flops(config, "peft_lora") == 2 * (10 * layer + head)
+    finally:
+        bench.set_scale("smol_A")
+        bench.LAYERS[:] = [6, 12, 18, 24]
+
+
 def test_bench_ratios_of_medians_and_paired_per_round():
     from reft_lab.bench import ratios
 

@@ -42,7 +42,7 @@ def _wait_for_checkpoint(proc, run: Path, min_step: int, timeout: float = 120) -
 
 
 def _comparable(metrics: dict) -> dict:
-    drop = {"train_wall_s", "tokens_per_s", "peak_mem_bytes", "output_dir", "finished_at", "config"}
+    drop = {"train_wall_s", "tokens_per_s", "first_step_s", "peak_mem_bytes", "output_dir", "finished_at", "config"}
     return {k: v for k, v in metrics.items() if k not in drop}
 
 

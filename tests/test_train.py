@@ -33,6 +33,11 @@ def test_two_job_multirun_and_report(tmp_path, capsys):
         job = Path(m["output_dir"])
         assert (job / "adapter" / "adapter_model.safetensors").exists() and (job / "train_log.csv").exists()
         assert len((job / "train_log.csv").read_text().splitlines()) == 4  # header + 3 steps
+        # throughput is the steady state after the first step, whose warm-up is reported apart
+        assert 0 < m["first_step_s"] < m["train_wall_s"] and m["tokens_per_s"] > 0
+        steady_s = m["train_wall_s"] - m["first_step_s"]
+        logged = [float(row.split(",")[-1]) for row in (job / "train_log.csv").read_text().splitlines()[1:]]
+        assert m["tokens_per_s"] == pytest.approx(logged[-1], rel=1e-6) and steady_s > 0
     assert jobs[0]["base_fingerprint_before"] == jobs[0]["base_fingerprint_after"]
     assert main(["report", str(sweep)]) == 0
     md = (sweep / "report.md").read_text()

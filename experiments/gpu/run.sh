@@ -1,0 +1,60 @@
+#!/bin/bash
+# The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR]`) on a CUDA machine, from
+# the project root. About 8 minutes on an H100. No network needed.
+#
+# Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
+# pytest-timeout, and the project's other packages. A machine without them takes wheels made
+# elsewhere by `bash experiments/gpu/prepare.sh` (copy .whl/ and .gpu/ beside this checkout): they
+# install into /tmp/site. The training job builds random weights from the embedded model's config
+# in .gpu/smol (prepare.sh copies it; else the model must already be converted in the cache).
+#
+# Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
+# benchmark), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
+# included), train.jsonl (short real `reft-lab train` jobs: tokens/s, first step) and run.log.
+set -uo pipefail
+OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no CUDA device"; exit 2; }
+$PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+
+echo "== CUDA tests (wandb's own test needs the wandb package: left out when it is missing)"
+sel=$($PY -c "import wandb" 2>/dev/null && echo "" || echo "not wandb")
+timeout 420 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 --durations 8 -m "not slow" ${sel:+-k "$sel"} tests > "$OUT/pytest_cuda.log" 2>&1
+echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest_cuda.log" | tail -30
+
+echo "== fused kernel vs eager vs pyreft"
+timeout 150 $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+
+echo "== one training step at four scales (each provider alone)"
+for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
+  timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
+    --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
+done
+
+echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA"
+model=$PWD/.gpu/smol
+[ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
+rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinja $rnd/ 2>/dev/null
+$PY -c "
+import torch; from transformers import AutoConfig, AutoModelForCausalLM
+torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('$rnd')).save_pretrained('$rnd')" > /dev/null 2>&1
+: > "$OUT/train.jsonl"
+for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
+         "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft"; do
+  rm -rf /tmp/reft_lab_job
+  timeout 150 $PY -m reft_lab.cli train model=hf model.name_or_path=$rnd logger=none trainer.max_steps=60 task.train_size=64 \
+    task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \
+    > /tmp/reft_lab_job.log 2>&1
+  $PY -c "
+import json, sys; m = json.load(open('/tmp/reft_lab_job/metrics.json'))
+row = {'job': sys.argv[1], 'status': m['status'], 'tokens_per_s': m.get('tokens_per_s'), 'first_step_s': m.get('first_step_s'),
+       'train_wall_s': m.get('train_wall_s'), 'final_loss': m.get('final_loss')}
+print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$v" "$OUT/train.jsonl" || tail -3 /tmp/reft_lab_job.log
+  grep -h "prefix cache" /tmp/reft_lab_job.log
+done
