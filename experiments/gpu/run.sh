@@ -14,7 +14,7 @@
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
 exec > >(tee "$OUT/run.log") 2>&1
-export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2  # 8 test workers × 2 threads
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -25,7 +25,7 @@ $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version
 
 echo "== CUDA tests (wandb's own test needs the wandb package: left out when it is missing)"
 sel=$($PY -c "import wandb" 2>/dev/null && echo "" || echo "not wandb")
-timeout 420 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 240 --durations 8 -m "not slow" ${sel:+-k "$sel"} tests > "$OUT/pytest_cuda.log" 2>&1
+timeout 420 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 400 --durations 8 -m "not slow" ${sel:+-k "$sel"} tests > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest_cuda.log" | tail -30
 
 echo "== fused kernel vs eager vs pyreft"
