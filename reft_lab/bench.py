@@ -6,7 +6,10 @@ alpha 16 on q_proj and v_proj; AdamW. Step time: the providers run interleaved r
 one process (the machine's drift hits all alike), median/p20/p80 over the rounds after warm-up.
 Peak memory: each provider in a fresh subprocess, after one warm-up step, the peak of live memory
 during its steps minus the memory before them (CPU: RSS with glibc returning every large block on
-free, see ``measure_memory``; CUDA: max_memory_allocated). Writes a JSON record and CSV rows under
+free, see ``measure_memory``; CUDA: max_memory_allocated). On CUDA each provider instead runs alone
+(``time_alone``: a 7B model fits once), memory measured in the same pass. ``--scale`` swaps config
+A for a random-initialised model and workload of another size (``SCALES``; bf16 base on CUDA) and
+adds MFU against the GPU's dense bf16 peak. Writes a JSON record and CSV rows under
 experiments/bench/.
 """
 
