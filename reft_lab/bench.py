@@ -205,6 +205,8 @@ def _floor_step(model, batch):
     """The floor provider: the frozen model's forward, LM head on the response positions, and the
     backward of activation gradients from the loss to the input of the lowest intervened layer
     (made a leaf that requires grad). No intervention, no weight gradient, no optimizer."""
+    from reft_lab.methods import TunedModel
+    from reft_lab.methods.weights import NoneConfig
     from reft_lab.models.layers import decoder_layers
     from reft_lab.train import response_loss  # narrows the LM head to the supervised positions
 
@@ -217,15 +219,7 @@ def _floor_step(model, batch):
 
     decoder_layers(model)[min(LAYERS)].register_forward_pre_hook(leaf_input, with_kwargs=True)
 
-    class Plain(torch.nn.Module):  # response_loss's calling convention on the bare model
-        def __init__(self):
-            super().__init__()
-            self.base_model = model
-
-        def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
-            return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-    plain = Plain()
+    plain = TunedModel(model, NoneConfig())  # response_loss's calling convention on the bare model
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16_BASE["on"]):

@@ -49,6 +49,7 @@ def stochastic_prefix(model: torch.nn.Module, layer: int) -> str | None:
 class PrefixCache:
     def __init__(self, max_bytes: int, dtype: torch.dtype | None = None, spill_dir: Path | None = None):
         self.max_bytes, self.dtype, self.spill_dir = max_bytes, dtype, spill_dir
+        self.bound = max_bytes  # max_bytes, capped by bind on a GPU
         self.identity: str | None = None
         self.memory: dict[str, torch.Tensor] = {}
         self.on_disk: set[str] = set()
@@ -66,7 +67,7 @@ class PrefixCache:
         self.model_dtype, self.device = param.dtype, param.device  # cached states are handed on in this dtype, kept here
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            self.max_bytes = min(self.max_bytes, free // 4)
+            self.bound = min(self.max_bytes, free // 4)
 
     def clear(self) -> None:
         self.memory.clear()
@@ -98,7 +99,7 @@ class PrefixCache:
         batch's storage alive behind the byte count."""
         hidden = hidden.clone()
         size = hidden.numel() * hidden.element_size()
-        if self.bytes + size <= self.max_bytes:
+        if self.bytes + size <= self.bound:
             self.memory[key] = hidden
             self.bytes += size
         elif self.spill_dir is not None:

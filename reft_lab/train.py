@@ -336,7 +336,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     tuned.train()
     start = time.perf_counter() - progress.elapsed_s
     warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (loss.item() synchronises)
-    first_step_s = None
+    first_step_s = tokens_per_s = None
     bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
                desc=f"train {settings.method.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
     with stop_signals() as (received, previous), hot_path(tuned, t):
@@ -366,6 +366,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
                 first_step_s = now - start - progress.elapsed_s
                 warm = (now, progress.tokens)
             progress.elapsed_s = now - start
+            # steady state after the first step; with one step in this process, its warm-up included
             tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
             if progress.step % t.log_every == 0 and dist_info.main:
@@ -382,12 +383,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], settings: RunSettings, 
     tuned.eval()
     if cache is not None and dist_info.main:
         print(f"reft-lab: {cache.summary()}")
-    steady = None
-    if warm is not None and progress.tokens > warm[1]:
-        steady = (progress.tokens - warm[1]) / (start + progress.elapsed_s - warm[0])
-    elif progress.elapsed_s:
-        steady = progress.tokens / progress.elapsed_s  # one step in this process: warm-up included
-    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, steady, first_step_s)
+    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, tokens_per_s, first_step_s)
 
 
 def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:

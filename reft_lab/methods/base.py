@@ -26,7 +26,6 @@ class MethodConfig:
         dtype and hidden size. Asked before the weights load (of the device they will load on)."""
 
 
-
 class TunedModel(nn.Module):
     """A causal LM with a method attached. ``forward`` and ``generate`` take the usual inputs plus
     ``prompt_lengths`` (ReFT positions are taken over the prompt; other methods ignore it)."""
