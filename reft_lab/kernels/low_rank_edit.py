@@ -5,9 +5,11 @@ call, outside the kernel); DiReFT uses A = W₁, B = W₂. Positions are (index,
 ``reft_lab.positions``: no position appears twice, padding slots are invalid.
 
 Forward, one program per block of selected rows: read each row once, z = A h + b (rank r, kept on
-chip, fp32), write h + Bᵀz once; save the original rows and z for backward. Backward per row block:
-u = B dy, dh = dy + Aᵀu (rows not selected pass dy through), and per-block partial sums of
-dA = Σ u hᵀ, dB = Σ z dyᵀ, db = Σ u, reduced by torch. Autograd carries dA, dB to W, R (and
+chip, fp32), write h + Bᵀz once; save the original rows and z for backward. Backward, one program
+per row block: u = B dy and dh = dy + Aᵀu (rows not selected pass dy through). The factor
+gradients are then two skinny matmuls over the selected rows, dA = uᵀH and dB = zᵀdY, and
+db = Σ u: [n, r] and [n, d] operands instead of per-program [r, d] partial sums (which were
+grid × r × d fp32: 512 MiB at 128×32 rows of d = 4096, r8). Autograd carries dA, dB to W, R (and
 through R's orthonormalisation) outside the kernel.
 
 Per-row adapter selection (inference): with K stacked adapters, A, B are [K, r, d] and each
@@ -82,8 +84,8 @@ def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
     ptrs = H + row[:, None] * d + cols[None, :]
     h = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # accumulate in fp32
-    if SAVE:  # only when a gradient will be asked for
-        tl.store(SAVED + m[:, None] * d + cols[None, :], h, mask=mask)
+    if SAVE:  # only when a gradient will be asked for; slots not live save zeros (dA = uᵀH reads every slot)
+        tl.store(SAVED + m[:, None] * d + cols[None, :], h, mask=(m < n_rows)[:, None] & cmask[None, :])
     if MULTI:  # each selected row's adapter: factor rows are read per row (from cache) instead of once
         ad = tl.load(ADAPTER + m, mask=live, other=0)
         factor = ad[:, None] * RANK * d + cols[None, :]
@@ -106,22 +108,18 @@ def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
 
 
 @triton.jit
-def _edit_bwd(DY, DH, ROWS, VALID, SAVED, Z, A, B, PART_DA, PART_DB, PART_DBIAS, n_rows, d,
+def _edit_bwd(DY, DH, ROWS, VALID, U, A, B, n_rows, d,
               RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
     dy = tl.load(DY + row[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(SAVED + m[:, None] * d + cols[None, :], mask=mask, other=0.0)
     dh = dy
     for k in tl.static_range(RANK):
         a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
         b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
-        u_k = tl.sum(dy * b_k[None, :], axis=1)  # u = B dy
-        z_k = tl.load(Z + m * RANK + k, mask=m < n_rows, other=0.0)
+        u_k = tl.sum(dy * b_k[None, :], axis=1)  # u = B dy (0 on slots not live)
+        tl.store(U + m * RANK + k, u_k, mask=m < n_rows)
         dh += u_k[:, None] * a_k[None, :]  # dL/dh = dy + Aᵀ u
-        tl.store(PART_DA + (pid * RANK + k) * d + cols, tl.sum(u_k[:, None] * h, axis=0), mask=cmask)  # dA = Σ u hᵀ
-        tl.store(PART_DB + (pid * RANK + k) * d + cols, tl.sum(z_k[:, None] * dy, axis=0), mask=cmask)  # dB = Σ z dyᵀ
-        tl.store(PART_DBIAS + pid * RANK + k, tl.sum(u_k, axis=0))  # db = Σ u
     tl.store(DH + row[:, None] * d + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
 
 
@@ -165,13 +163,12 @@ class _FusedEdit(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_hidden = grad_out.clone()  # unselected rows: dL/dh = dy
         n_rows, d, rank = rows.numel(), grad_out.shape[-1], A.shape[0]
-        part_da = torch.zeros(ctx.grid, rank, d, dtype=torch.float32, device=grad_out.device)
-        part_db = torch.zeros_like(part_da)
-        part_dbias = torch.zeros(ctx.grid, rank, dtype=torch.float32, device=grad_out.device)
-        _edit_bwd[(ctx.grid,)](grad_out, grad_hidden, rows, flags, saved, z, A.contiguous(), B.contiguous(),
-                               part_da, part_db, part_dbias, n_rows, d,
+        u = torch.empty(n_rows, rank, dtype=torch.float32, device=grad_out.device)
+        _edit_bwd[(ctx.grid,)](grad_out, grad_hidden, rows, flags, u, A.contiguous(), B.contiguous(), n_rows, d,
                                RANK=rank, BLOCK_M=ctx.block_m, BLOCK_D=ctx.block_d)
-        dA, dB, db = part_da.sum(0).to(A.dtype), part_db.sum(0).to(B.dtype), part_dbias.sum(0).to(ctx.bias_dtype)
+        # dA = Σ u hᵀ, dB = Σ z dyᵀ over the selected rows (z, u are 0 on padding slots), in fp32
+        dy_rows = grad_out.reshape(-1, d).index_select(0, rows).float()
+        dA, dB, db = (u.T @ saved).to(A.dtype), (z.T @ dy_rows).to(B.dtype), u.sum(0).to(ctx.bias_dtype)
         return grad_hidden, None, None, dA, dB, db
 
 
