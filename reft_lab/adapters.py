@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from reft_lab import __version__
 from reft_lab.accounting import ADAPTER_METADATA, fingerprint
 from reft_lab.errors import AdapterError, ReftLabError
-from reft_lab.io import atomic_write, atomic_write_json
+from reft_lab.atomic import atomic_write, atomic_write_json
 from reft_lab.methods import ReftModel, TunedModel, attach, method_config
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.reft import intervention_key

@@ -206,7 +206,7 @@ def _floor_step(model, batch):
     backward of activation gradients from the loss to the input of the lowest intervened layer
     (made a leaf that requires grad). No intervention, no weight gradient, no optimizer."""
     from reft_lab.methods import TunedModel
-    from reft_lab.methods.weights import NoneConfig
+    from reft_lab.methods.none import NoneConfig
     from reft_lab.models.layers import decoder_layers
     from reft_lab.train import response_loss  # narrows the LM head to the supervised positions
 

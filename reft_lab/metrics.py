@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from reft_lab.io import atomic_write_json
+from reft_lab.atomic import atomic_write_json
 
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 2

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from reft_lab.errors import ReftLabError
-from reft_lab.io import atomic_write, atomic_write_text
+from reft_lab.atomic import atomic_write, atomic_write_text
 from reft_lab.metrics import METRICS_FILE, lookup, read_metrics
 
 COLUMNS = [  # (csv column, dotted metrics key)

@@ -37,12 +37,12 @@ from reft_lab.checkpoint import Progress, latest_checkpoint, load_checkpoint, sa
 from reft_lab.config import build_section
 from reft_lab.data.batching import (EncodedExample, PromptEncoder, TrainBatch, collate_train, encode_examples,
                                    position_ids, predicting_positions)
-from reft_lab.data.tasks import TaskConfig, load_task
+from reft_lab.tasks import TaskConfig, load_task
 from reft_lab.errors import ConfigError, ReftLabError, config_error
 from reft_lab.evaluation.suite import EvalConfig, Suite, base_logprobs, evaluate_base, evaluate_tuned
 from reft_lab.loggers import LoggerConfig, NullLogger, make_logger
 from reft_lab.methods import MethodConfig, ReftModel, TunedModel, attach, method_config
-from reft_lab.methods.weights import NoneConfig
+from reft_lab.methods.none import NoneConfig
 from reft_lab.metrics import RETENTION_METRICS, SCHEMA, lookup, write_metrics
 from reft_lab.models import ModelConfig, load_model
 from reft_lab.models.head import logits_at

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit, low_rank_edit_reference
+from reft_lab.interventions.edit import low_rank_edit
+from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit
 
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
 # (batch, T, d, rank, index rows, valid rows): one row; both sequence edges with a padded slot;
@@ -36,7 +37,7 @@ def _inputs(shape, dtype, seed=0):
 def test_forward_and_every_gradient_match_reference(dtype, atol, rtol, shape):
     (h, A, B, b), index, valid = _inputs(shape, dtype)
     out = fused_low_rank_edit(h, index, valid, A, B, b)
-    ref = low_rank_edit_reference(h, index, valid, A, B, b)
+    ref = low_rank_edit(h, index, valid, A, B, b)
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (h, A, B, b), grad)
@@ -61,7 +62,7 @@ def test_non_contiguous_hidden():
     wide = torch.cat([h.detach(), h.detach()], -1)[..., : h.shape[-1]]  # a strided view
     assert not wide.is_contiguous()
     torch.testing.assert_close(fused_low_rank_edit(wide, index, valid, A, B, b),
-                               low_rank_edit_reference(wide, index, valid, A, B, b), atol=1e-5, rtol=1e-5)
+                               low_rank_edit(wide, index, valid, A, B, b), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +87,7 @@ def test_module_falls_back_to_reference_above_the_rank_limit():
     (h, _, _, _), index, valid = _inputs(SHAPES[0], torch.float32)
     A, B, b = (torch.randn(MAX_RANK + 1, 48, device=DEVICE), torch.randn(MAX_RANK + 1, 48, device=DEVICE),
                torch.randn(MAX_RANK + 1, device=DEVICE))
-    torch.testing.assert_close(FusedLowRankEdit()(h, index, valid, A, B, b), low_rank_edit_reference(h, index, valid, A, B, b))
+    torch.testing.assert_close(FusedLowRankEdit()(h, index, valid, A, B, b), low_rank_edit(h, index, valid, A, B, b))
 
 
 def _stacked(shape, dtype, k, seed=0):
@@ -104,7 +105,7 @@ def test_per_row_adapters_match_reference_and_single_adapters(dtype, atol, rtol,
     adapter = torch.tensor([2, 0, 1][: h.shape[0]], device=DEVICE)
     with torch.no_grad():
         out = fused_low_rank_edit(h.clone(), index, valid, A, B, b, adapter)
-        torch.testing.assert_close(out, low_rank_edit_reference(h, index, valid, A, B, b, adapter), atol=atol, rtol=rtol)
+        torch.testing.assert_close(out, low_rank_edit(h, index, valid, A, B, b, adapter), atol=atol, rtol=rtol)
         for row, k in enumerate(adapter.tolist()):  # each row as if its adapter were served alone
             alone = fused_low_rank_edit(h[row: row + 1].clone(), index[row: row + 1], valid[row: row + 1], A[k], B[k], b[k])
             torch.testing.assert_close(out[row: row + 1], alone, atol=atol, rtol=rtol)
@@ -128,7 +129,7 @@ def test_per_row_adapters_refuse_bad_ids_and_gradients():
 def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
     from reft_lab.config import compose
     from reft_lab.data.batching import PromptEncoder, encode_examples
-    from reft_lab.data.tasks import load_task
+    from reft_lab.tasks import load_task
     from reft_lab.methods import attach
     from reft_lab.models import load_model
     from reft_lab.train import RunSettings, seed_everything, train
@@ -209,7 +210,7 @@ def test_gpu_large_shape(dtype, atol, rtol):
     (h, A, B, b), index, valid = _inputs(shape, dtype)
     index = torch.stack([torch.randperm(512, device=DEVICE)[:32] for _ in range(8)])
     out = fused_low_rank_edit(h, index, valid, A, B, b)
-    torch.testing.assert_close(out, low_rank_edit_reference(h, index, valid, A, B, b), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out, low_rank_edit(h, index, valid, A, B, b), atol=atol, rtol=rtol)
 
 
 def test_in_place_on_a_layer_output_keeps_gradients_exact():
@@ -218,7 +219,7 @@ def test_in_place_on_a_layer_output_keeps_gradients_exact():
     hidden = x * 1.0
     out = fused_low_rank_edit(hidden, index, valid, A, B, b)
     assert out.data_ptr() == hidden.data_ptr()
-    ref = low_rank_edit_reference(x * 1.0, index, valid, A, B, b)
+    ref = low_rank_edit(x * 1.0, index, valid, A, B, b)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, (x, A, B, b), grad), torch.autograd.grad(ref, (x, A, B, b), grad)):

@@ -8,7 +8,7 @@ import pytest
 from reft_lab.cli import main
 from reft_lab.config import compose
 from reft_lab.data.batching import PromptEncoder, encode_examples
-from reft_lab.data.tasks import load_task
+from reft_lab.tasks import load_task
 from reft_lab.methods import attach
 from reft_lab.metrics import read_metrics, validate
 from reft_lab.models import load_model

@@ -85,7 +85,8 @@ def main() -> int:
         return 1
     import triton
 
-    from reft_lab.kernels import fused_low_rank_edit, low_rank_edit_reference
+    from reft_lab.interventions.edit import low_rank_edit
+    from reft_lab.kernels import fused_low_rank_edit
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
@@ -104,7 +105,7 @@ def main() -> int:
             ideal_bytes = 2 * edited * h0.element_size()
             # each provider: (edit(hidden, index, valid), the parameters its backward differentiates)
             providers = {"triton": (lambda h, i, v: fused_low_rank_edit(h, i, v, A, B, b), [A, B, b]),
-                         "eager": (lambda h, i, v: low_rank_edit_reference(h, i, v, A, B, b), [A, B, b])}
+                         "eager": (lambda h, i, v: low_rank_edit(h, i, v, A, B, b), [A, B, b])}
             try:
                 providers["pyreft"] = pyreft_provider(d, rank, device, dtype)
             except ImportError:
@@ -136,7 +137,7 @@ def main() -> int:
             adapters = 8  # per-row selection: each batch row picks one of 8 stacked adapters
             stacked = [torch.stack([t.detach() * (1 + k / adapters) for k in range(adapters)]) for t in (A, B, b)]
             ids = torch.randint(0, adapters, (batch,), device=device)
-            for name, fn in (("triton_8_adapters", fused_low_rank_edit), ("eager_8_adapters", low_rank_edit_reference)):
+            for name, fn in (("triton_8_adapters", fused_low_rank_edit), ("eager_8_adapters", low_rank_edit)):
                 h = h0.clone()
                 with torch.no_grad():
                     ms, p20, p80 = bench(lambda: fn(h, index, valid, *stacked, ids))

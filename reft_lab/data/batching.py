@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reft_lab.data.tasks import Example
+from reft_lab.tasks import Example
 
 
 class PromptEncoder:

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from reft_lab.data.batching import PromptEncoder
-from reft_lab.data.tasks import Task, read_retention
+from reft_lab.data import read_retention
+from reft_lab.tasks import Task
 from reft_lab.evaluation.generation import continuation_logprobs, generate, option_scores
-from reft_lab.io import atomic_write_json
+from reft_lab.atomic import atomic_write_json
 from reft_lab.methods import TunedModel
 
 EVAL_VERSION = 2  # bump when anything below changes what the cached base results mean

@@ -1,4 +1,5 @@
-"""Fused intervention kernels: the GPU hot path (Triton), with the eager reference beside them.
+"""Fused intervention kernels: the GPU hot path (Triton); the eager
+reference they are checked against is ``reft_lab.interventions.edit.low_rank_edit``.
 
 Import this package only when a kernel is wanted: Triton reads TRITON_INTERPRET when the kernels
 are defined (tests set it to run them on the CPU).
@@ -10,8 +11,7 @@ from reft_lab.kernels.low_rank_edit import (
     FusedLowRankEdit,
     fused_low_rank_edit,
     kernel_problem,
-    low_rank_edit_reference,
     triton_usable,
 )
 
-__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "fused_low_rank_edit", "kernel_problem", "low_rank_edit_reference", "triton_usable"]
+__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "fused_low_rank_edit", "kernel_problem", "triton_usable"]

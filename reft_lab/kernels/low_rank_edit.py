@@ -25,23 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+from reft_lab.interventions.edit import low_rank_edit
+
 MAX_RANK = 64  # the rank loop is unrolled at compile time
 MAX_HIDDEN = 16384  # one row is held on chip: next_power_of_2(d) elements
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def low_rank_edit_reference(hidden, index, valid, A, B, b, adapter=None):
-    """Eager reference: gather, Δ = (hAᵀ + b) B, mask, scatter-add (out of place). With ``adapter``
-    ([batch] ids), A, B are [K, r, d] and b [K, r]: batch row i uses adapter ``adapter[i]``."""
-    idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    rows = hidden.gather(1, idx).float()
-    if adapter is None:
-        delta = (rows @ A.float().T + b.float()) @ B.float()
-    else:
-        A, B, b = A[adapter].float(), B[adapter].float(), b[adapter].float()  # [batch, r, d], [batch, r]
-        delta = (rows @ A.transpose(1, 2) + b[:, None]) @ B
-    delta = delta * valid.unsqueeze(-1)
-    return hidden.scatter_add(1, idx, delta.to(hidden.dtype))
 
 
 def kernel_problem(device: torch.device, dtype: torch.dtype, hidden_size: int, rank: int) -> str | None:
@@ -180,7 +168,7 @@ def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.
     ``adapter`` [batch] ids in [0, K); batch row i is edited by adapter ``adapter[i]``. Inference
     only: it raises when a gradient is needed. Raises ValueError for inputs the kernel does not
     support (callers that want a fallback check ``triton_usable`` first and use
-    ``low_rank_edit_reference``).
+    ``reft_lab.interventions.edit.low_rank_edit``).
     """
     if hidden.dim() != 3 or index.shape != valid.shape or index.shape[0] != hidden.shape[0]:
         raise ValueError(f"shapes do not match: hidden {tuple(hidden.shape)}, index {tuple(index.shape)}, valid {tuple(valid.shape)}")
@@ -223,4 +211,4 @@ class FusedLowRankEdit(torch.nn.Module):
     def forward(self, hidden, index, valid, A, B, b, adapter=None):
         if triton_usable(hidden, A.shape[-2]) is None:
             return fused_low_rank_edit(hidden, index, valid, A, B, b, adapter)
-        return low_rank_edit_reference(hidden, index, valid, A, B, b, adapter)
+        return low_rank_edit(hidden, index, valid, A, B, b, adapter)

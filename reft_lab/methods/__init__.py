@@ -17,7 +17,8 @@ from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.base import MethodConfig, TunedModel
 from reft_lab.methods.lora import LoraConfig, attach_lora
 from reft_lab.methods.reft import ReftConfig, ReftModel, attach_reft
-from reft_lab.methods.weights import FullConfig, NoneConfig, attach_full, attach_none
+from reft_lab.methods.full import FullConfig, attach_full
+from reft_lab.methods.none import NoneConfig, attach_none
 
 
 @dataclass(frozen=True)

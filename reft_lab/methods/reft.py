@@ -16,6 +16,7 @@ from torch import nn
 
 from reft_lab.errors import ConfigError, config_error
 from reft_lab.interventions import INTERVENTIONS
+from reft_lab.interventions.edit import edit_rows, low_rank_edit
 from reft_lab.methods.base import MethodConfig, TunedModel
 from reft_lab.models.layers import decoder_layers, hidden_size
 from reft_lab.models.loading import DTYPES
@@ -151,20 +152,17 @@ class ReftModel(TunedModel):
                 return output  # not the batch these positions were built for
             fused = self._fused(hidden)
             if fused or self.bank is not None:  # the factor form Bᵀ(Ah + b); a bank: each row its own adapter
-                from reft_lab.kernels import fused_low_rank_edit, low_rank_edit_reference
-
-                edit = fused_low_rank_edit if fused else low_rank_edit_reference
+                if fused:
+                    from reft_lab.kernels import fused_low_rank_edit as edit
+                else:
+                    edit = low_rank_edit
                 source = self.bank if self.bank is not None else self.interventions
                 for key, cols in routes:
                     hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *source[key].factors(),
                                   self._adapter_ids)
             else:
-                index = positions.index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-                rows = hidden.gather(1, index)
-                edits = [self.interventions[key].edit(rows[:, cols]) for key, cols in routes]
-                delta = edits[0] if len(edits) == 1 else torch.cat(edits, 1)
-                delta = delta * positions.valid.unsqueeze(-1).to(delta.dtype)
-                hidden = hidden.scatter_add(1, index, delta)
+                hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
+                    [self.interventions[key].edit(rows[:, cols]) for key, cols in routes], 1))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
