@@ -58,7 +58,7 @@ def param_report(tuned) -> ParamReport:
         trainable_params=trainable,
         base_params=tuned.base_params,
         trainable_pct=100.0 * trainable / tuned.base_params if tuned.base_params else 0.0,
-        adapter_bytes=safetensors_bytes(tuned.trainable_state(), ADAPTER_METADATA),
+        adapter_bytes=safetensors_bytes(tuned.saved_state(), ADAPTER_METADATA),
     )
 
 

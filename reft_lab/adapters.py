@@ -1,8 +1,11 @@
-"""Adapters on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (no pickle), and
-import/export of pyreft's layout (``config.json`` + ``intkey_*.bin``).
+"""Adapters on disk, and import/export of pyreft's layout (``config.json`` + ``intkey_*.bin``).
 
-The config records the method (name, layers, positions, tied, rank, ...), the parameter dtype and
-the base model's identity (name + fingerprint); loading onto another base is refused.
+An adapter directory holds ``adapter_model.safetensors`` (no pickle) and ``reft_lab_adapter.json``:
+the method (name, layers, positions, tied, rank, ...), the parameter dtype and the base model's
+identity (name + fingerprint); loading onto another base is refused. LoRA and DoRA adapters are
+peft's format as well: peft's ``adapter_config.json`` beside tensors under peft's names, so
+``PeftModel.from_pretrained``, transformers' ``load_adapter`` and vLLM read the directory as it is.
+Directories of the earlier layout (reft_lab's metadata in ``adapter_config.json``) still load.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from safetensors.torch import load_file, save_file
 
 from reft_lab import __version__
 from reft_lab.accounting import ADAPTER_METADATA, fingerprint
-from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.atomic import atomic_write, atomic_write_json
-from reft_lab.methods import ReftModel, TunedModel, attach, method_config
+from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.interventions import INTERVENTIONS
+from reft_lab.methods import ReftModel, TunedModel, attach, method_config
 from reft_lab.methods.reft import intervention_key
 from reft_lab.models.layers import hidden_size
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = "reft_lab_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT = "reft_lab.adapter/1"
+PEFT_CONFIG_FILE = "adapter_config.json"
+FORMAT = "reft_lab.adapter/2"  # tensors under the saved format's names (peft's for LoRA/DoRA)
+LEGACY_FORMAT = "reft_lab.adapter/1"  # metadata in adapter_config.json, tensors under reft_lab's names
 
 
 def base_identity(tuned: TunedModel) -> dict:
@@ -43,7 +48,7 @@ def base_identity(tuned: TunedModel) -> dict:
 def save_adapter(tuned: TunedModel, directory: str | Path) -> Path:
     """Write the trainable state and its config; the weights land before the config names them."""
     directory = Path(directory)
-    state = {name: p.detach().to("cpu").contiguous() for name, p in tuned.trainable_state().items()}
+    state = {name: p.detach().to("cpu").contiguous() for name, p in tuned.saved_state().items()}
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in state.values()})
     config = {
         "format": FORMAT,
@@ -53,6 +58,8 @@ def save_adapter(tuned: TunedModel, directory: str | Path) -> Path:
         "reft_lab_version": __version__,
     }
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=ADAPTER_METADATA))
+    if hasattr(tuned, "peft_config"):
+        atomic_write_json(directory / PEFT_CONFIG_FILE, tuned.peft_config())
     atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 
@@ -62,14 +69,17 @@ def read_adapter_config(directory: str | Path) -> dict:
     if not directory.is_dir():
         raise AdapterError(f"adapter directory {directory} does not exist")
     path = directory / CONFIG_FILE
-    if not path.exists():
+    legacy = not path.exists() and (directory / PEFT_CONFIG_FILE).exists()
+    if legacy:
+        path = directory / PEFT_CONFIG_FILE
+    elif not path.exists():
         raise AdapterError(f"{path} is missing: not a reft_lab adapter directory")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT or "method" not in config:
-        raise AdapterError(f"{path}: format is not {FORMAT!r}")
+    if not isinstance(config, dict) or config.get("format") != (LEGACY_FORMAT if legacy else FORMAT) or "method" not in config:
+        raise AdapterError(f"{path}: not a reft_lab adapter (format is not {FORMAT!r})")
     return config
 
 
@@ -93,9 +103,16 @@ def load_adapter(model: torch.nn.Module, directory: str | Path, base_name: str =
         state = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterError(f"{directory / WEIGHTS_FILE} cannot be read: {err}") from err
+    bad = sorted(name for name, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise AdapterError(f"{directory / WEIGHTS_FILE}: tensor {bad[0]} holds NaN or infinite values "
+                           f"({len(bad)} such tensors): the run that wrote it diverged")
     try:
         tuned = attach(model, config["method"], base_name=base_name or recorded.get("name_or_path", ""))
-        tuned.load_trainable_state(state, source=str(directory / WEIGHTS_FILE))
+        if config["format"] == LEGACY_FORMAT:
+            tuned.load_trainable_state(state, source=str(directory / WEIGHTS_FILE))
+        else:
+            tuned.load_saved_state(state, source=str(directory / WEIGHTS_FILE))
     except ReftLabError as err:
         raise AdapterError(f"adapter {directory}: {err}") from err
     tuned.base_fingerprint = recorded.get("fingerprint")

@@ -132,7 +132,8 @@ def _optimizer_step(loss_fn, optimizer):
 def make_step(provider: str, model_name: str):
     """A closure running one optimizer step of ``provider`` on config A's batch."""
     from reft_lab.methods import attach
-    from reft_lab.train import TrainerConfig, build_optimizer, hot_path, response_loss
+    from reft_lab.training import TrainerConfig, build_optimizer, response_loss
+    from reft_lab.training.speedups import hot_path
 
     model = _model(model_name)
     device = next(model.parameters()).device
@@ -155,7 +156,7 @@ def make_step(provider: str, model_name: str):
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
         cache = None
         if provider.endswith("cached"):
-            from reft_lab.prefix_cache import PrefixCache
+            from reft_lab.training.prefix_cache import PrefixCache
 
             cache = PrefixCache(2**31)
             # identity only guards against reuse across models; fingerprinting here would allocate and
@@ -208,7 +209,9 @@ def _floor_step(model, batch):
     from reft_lab.methods import TunedModel
     from reft_lab.methods.none import NoneConfig
     from reft_lab.models.layers import decoder_layers
-    from reft_lab.train import response_loss  # narrows the LM head to the supervised positions
+    from reft_lab.training import (
+        response_loss,  # narrows the LM head to the supervised positions
+    )
 
     model.requires_grad_(False)
 
@@ -379,7 +382,7 @@ def ratios(times: dict[str, list[float]], memory: dict[str, int]) -> tuple[dict,
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
-    from reft_lab.train import versions as run_versions
+    from reft_lab.recipe import versions as run_versions
 
     out = run_versions()
     try:

@@ -45,9 +45,9 @@ def params_command(overrides: list[str]) -> int:
 
 
 def train_command(args: list[str]) -> int:
-    from reft_lab.train import run_hydra
+    from reft_lab.sweep import run
 
-    return run_hydra(args)
+    return run(args)
 
 
 def report_command(args: list[str]) -> int:

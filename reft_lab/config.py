@@ -72,9 +72,10 @@ def build_section(cls: type[T], raw: Any, key: str) -> T:
 
 
 def conf_dir():
+    """The packaged configs (``reft_lab/conf``; the repository's top-level ``conf`` links to it)."""
     from pathlib import Path
 
-    return Path(__file__).resolve().parent.parent / "conf"
+    return Path(__file__).resolve().parent / "conf"
 
 
 def compose(overrides: list[str], config_name: str = "train", with_hydra: bool = False) -> DictConfig:
@@ -84,6 +85,9 @@ def compose(overrides: list[str], config_name: str = "train", with_hydra: bool =
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from reft_lab.conf_store import register
+
+    register()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=with_hydra)

@@ -10,15 +10,21 @@ from pathlib import Path
 from reft_lab.errors import config_error
 
 
+LOGGERS = ("wandb", "csv", "none")
+
+
 @dataclass(kw_only=True)
 class LoggerConfig:
+    """``logger``: wandb (one run per job, grouped by sweep; offline by default, sync later with
+    ``wandb sync``), csv (per-step metrics in <job dir>/train_log.csv) or none (metrics.json only)."""
+
     name: str = "wandb"
-    mode: str = "offline"  # wandb only
-    project: str = "reft_lab"
-    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # wandb only: offline | online | disabled
+    project: str = "reft_lab"  # wandb only
+    tags: list[str] = field(default_factory=list)  # wandb only
 
     def __post_init__(self):
-        if self.name not in ("wandb", "csv", "none"):
+        if self.name not in LOGGERS:
             raise config_error("logger", self.name, "wandb, csv or none")
         if self.mode not in ("offline", "online", "disabled"):
             raise config_error("logger.mode", self.mode, "offline, online or disabled")

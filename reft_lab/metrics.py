@@ -11,13 +11,12 @@ import math
 from pathlib import Path
 
 from reft_lab.atomic import atomic_write_json
+from reft_lab.errors import ReftLabError
+from reft_lab.evaluation.retention import RETENTION
 
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 2
 NUM = (int, float)
-# retention metric -> the schema version that introduced it (older metrics.json files lack it)
-RETENTION_METRICS = {"knowledge_accuracy": 1, "knowledge_retention": 1, "kl_drift": 1, "leakage": 1,
-                     "knowledge_choice_accuracy": 2, "knowledge_choice_retention": 2}
 
 # key: (accepted types, required non-null when status == "ok", meaning)
 SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
@@ -37,7 +36,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "task_after": (NUM, True, "task metric after training"),
     "task_gain": (NUM, True, "task_after − task_before"),
     "task_scores": ((dict,), True, "every task score, before and after"),
-    "retention": ((dict,), True, "each retention metric with before and after"),
+    "retention": ((dict,), True, "each retention metric (reft_lab.evaluation.retention) with before and after"),
     "train_wall_s": (NUM, True, "training wall time (s)"),
     "tokens_per_s": (NUM + (type(None),), False, "training throughput (attended tokens), steady state: after the first step"),
     "first_step_s": (NUM + (type(None),), False, "the first training step (s), Triton JIT and compile warm-up included"),
@@ -51,6 +50,7 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "versions": ((dict,), True, "package versions"),
     "config": ((dict,), True, "the composed config"),
     "output_dir": ((str,), True, "the job's directory"),
+    "finished_at": ((str, type(None)), True, "when the job finished (UTC, ISO 8601); null for a failed job"),
 }
 
 
@@ -74,9 +74,9 @@ def validate(metrics: dict) -> list[str]:
     if ok:
         retention = metrics.get("retention") or {}
         version = metrics.get("schema_version") if isinstance(metrics.get("schema_version"), int) else SCHEMA_VERSION
-        for name, since in RETENTION_METRICS.items():
-            if since <= version and set(retention.get(name, {})) != {"before", "after"}:
-                problems.append(f"retention.{name} needs before and after")
+        for metric in RETENTION:
+            if metric.since <= version and set(retention.get(metric.name, {})) != {"before", "after"}:
+                problems.append(f"retention.{metric.name} needs before and after")
     elif metrics.get("status") != "failed":
         problems.append(f"status={metrics.get('status')!r} is not ok or failed")
     return problems
@@ -93,8 +93,13 @@ def lookup(metrics: dict, dotted: str):
 
 
 def write_metrics(directory: Path, metrics: dict) -> Path:
+    """Write ``metrics`` (every schema key, no other; schema_version is set here) atomically."""
+    keys, given = set(SCHEMA) - {"schema_version"}, set(metrics) - {"schema_version"}
+    if given != keys:
+        raise ReftLabError(f"metrics.json keys do not match the schema: missing {sorted(keys - given)}, "
+                           f"unknown {sorted(given - keys)}")
     path = Path(directory) / METRICS_FILE
-    atomic_write_json(path, {"schema_version": SCHEMA_VERSION, **metrics})
+    atomic_write_json(path, {**metrics, "schema_version": SCHEMA_VERSION})
     return path
 
 

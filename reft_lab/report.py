@@ -14,27 +14,26 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from reft_lab.errors import ReftLabError
 from reft_lab.atomic import atomic_write, atomic_write_text
+from reft_lab.errors import ReftLabError
+from reft_lab.evaluation.retention import RETENTION
 from reft_lab.metrics import METRICS_FILE, lookup, read_metrics
 
-COLUMNS = [  # (csv column, dotted metrics key)
-    ("method", "method"), ("task", "task"), ("model", "model"), ("seed", "seed"), ("status", "status"),
-    ("trainable_params", "trainable_params"), ("trainable_pct", "trainable_pct"), ("adapter_bytes", "adapter_bytes"),
-    ("task_metric", "task_metric"), ("task_before", "task_before"), ("task_after", "task_after"), ("task_gain", "task_gain"),
-    ("knowledge_retention", "retention.knowledge_retention.after"),
-    ("knowledge_acc_before", "retention.knowledge_accuracy.before"), ("knowledge_acc_after", "retention.knowledge_accuracy.after"),
-    ("knowledge_choice_retention", "retention.knowledge_choice_retention.after"),
-    ("knowledge_choice_acc_before", "retention.knowledge_choice_accuracy.before"),
-    ("knowledge_choice_acc_after", "retention.knowledge_choice_accuracy.after"),
-    ("kl_drift", "retention.kl_drift.after"), ("leakage_before", "retention.leakage.before"),
-    ("leakage_after", "retention.leakage.after"), ("train_wall_s", "train_wall_s"), ("tokens_per_s", "tokens_per_s"),
-    ("final_loss", "final_loss"), ("error", "error"), ("output_dir", "output_dir"),
-]
-SUMMARY = [("task_before", "task before"), ("task_after", "task after"), ("task_gain", "task gain"),
-           ("retention.knowledge_retention.after", "knowledge retention"),
-           ("retention.knowledge_choice_retention.after", "choice retention"), ("retention.kl_drift.after", "KL drift"),
-           ("retention.leakage.after", "leakage")]
+RUN_COLUMNS = ["method", "task", "model", "seed", "status", "trainable_params", "trainable_pct", "adapter_bytes",
+               "task_metric", "task_before", "task_after", "task_gain"]
+def columns() -> list[tuple[str, str]]:
+    """report.csv: (column, dotted metrics key), the retention columns from the metric table."""
+    return [*[(key, key) for key in RUN_COLUMNS],
+            *[(column, f"retention.{m.name}.{when}") for m in RETENTION for when, column in m.columns.items()],
+            *[(key, key) for key in ("train_wall_s", "tokens_per_s", "final_loss", "error", "output_dir")]]
+
+
+def summary() -> list[tuple[str, str]]:
+    """The report table's metric columns: (dotted metrics key, header)."""
+    return [("task_before", "task before"), ("task_after", "task after"), ("task_gain", "task gain"),
+            *[(f"retention.{m.name}.after", m.label) for m in RETENTION if m.label]]
+
+
 # two-sided 95% t quantiles by degrees of freedom (normal beyond 30)
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
@@ -105,7 +104,7 @@ def group(rows: list[dict]) -> list[dict]:
     for members in buckets.values():
         first = members[0]
         stats, values = {}, {}
-        for key, _ in SUMMARY:
+        for key, _ in summary():
             values[key] = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
             stats[key] = mean_ci(values[key]) if values[key] else (None, None)
         groups.append({"method": first["method"], "task": first["task"], "model": first["model"], "n": len(members),
@@ -157,17 +156,16 @@ def _fmt(value, ci=None, digits=3) -> str:
 
 
 def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
-    head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in SUMMARY] + ["gain vs best"]
+    head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in summary()] + ["gain vs best"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         cells = [g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
-                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in SUMMARY] + [g.get("vs_best", "—")]
+                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in summary()] + [g.get("vs_best", "—")]
         lines.append("| " + " | ".join(cells) + " |")
     text = "# reft_lab report\n\n" + "\n".join(lines) + "\n"
+    meanings = "; ".join(f"{m.label} = {m.meaning}" for m in RETENTION if m.label)
     text += ("\nMeans over seeds ± 95% t-interval half-width (shown when n ≥ 2). Task gain = task after − task "
-             "before on the held-out test split; knowledge retention = share of probe questions the base answers "
-             "correctly that the tuned model still answers; KL drift = mean per-token KL(base ‖ tuned); leakage = "
-             "share of off-task prompts answered in the task's format. Gain vs best: the group with the highest mean "
+             f"before on the held-out test split; {meanings}. Gain vs best: the group with the highest mean "
              "task gain of its task and model is `best`; another group is `lower` when Welch's 95% interval for the "
              "difference excludes 0, `n.s.` when it does not (not a real difference at this n), `—` with fewer than "
              "2 seeds on either side.\n")
@@ -182,9 +180,10 @@ def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
 def write_csv(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow([c for c, _ in COLUMNS])
+    table = columns()
+    writer.writerow([c for c, _ in table])
     for row in rows:
-        writer.writerow(["" if (v := lookup(row, key)) is None else v for _, key in COLUMNS])
+        writer.writerow(["" if (v := lookup(row, key)) is None else v for _, key in table])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -275,11 +274,11 @@ def print_table(groups: list[dict], rows: list[dict], missing: list[str]) -> Non
     from rich.table import Table
 
     table = Table(title="reft_lab report")
-    for name in ["method", "task", "n", "trainable", "% base"] + [n for _, n in SUMMARY] + ["vs best"]:
+    for name in ["method", "task", "n", "trainable", "% base"] + [n for _, n in summary()] + ["vs best"]:
         table.add_column(name, justify="left" if name in ("method", "task") else "right")
     for g in groups:
         table.add_row(g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
-                      *[_fmt(*g["stats"][key]) for key, _ in SUMMARY], g.get("vs_best", "—"))
+                      *[_fmt(*g["stats"][key]) for key, _ in summary()], g.get("vs_best", "—"))
     console = Console(width=160)
     console.print(table)
     for r in rows:

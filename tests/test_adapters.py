@@ -5,13 +5,21 @@ import os
 
 import pytest
 import torch
+from test_methods import METHOD_ROWS, _train_steps
 
 from reft_lab.accounting import param_report
-from reft_lab.adapters import CONFIG_FILE, WEIGHTS_FILE, export_pyreft, import_pyreft, load_adapter, save_adapter
+from reft_lab.adapters import (
+    CONFIG_FILE,
+    LEGACY_FORMAT,
+    PEFT_CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_pyreft,
+    import_pyreft,
+    load_adapter,
+    save_adapter,
+)
 from reft_lab.errors import AdapterError
 from reft_lab.methods import attach
-
-from test_methods import METHOD_ROWS, _train_steps
 
 
 @pytest.mark.parametrize("row", METHOD_ROWS, ids=lambda r: r["name"])
@@ -29,6 +37,57 @@ def test_save_load_identical_logits(tiny, batch, tmp_path, row):
     assert config["base"]["fingerprint"] and config["dtype"] in ("float32", [])
     restored = load_adapter(tiny().model, tmp_path)
     assert torch.equal(restored(ids, attention_mask=mask, prompt_lengths=lengths).logits, expected)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_lora_adapter_is_peft_format_that_plain_peft_loads(tiny, batch, tmp_path, name):
+    """``PeftModel.from_pretrained`` reads a reft_lab LoRA/DoRA adapter directory as it is and gives
+    the same logits; reft_lab's own metadata sits in a file of its own."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    loaded = tiny()
+    tuned = attach(loaded.model, {"name": name, "dropout": 0.0}, loaded.name)
+    _train_steps(tuned)
+    ids, mask, lengths = batch
+    expected = tuned(ids, attention_mask=mask, prompt_lengths=lengths).logits
+    save_adapter(tuned, tmp_path)
+    peft_config = json.loads((tmp_path / PEFT_CONFIG_FILE).read_text())
+    assert peft_config["peft_type"] == "LORA" and peft_config["use_dora"] == (name == "dora")
+    assert all(key.startswith("base_model.model.") and ".default." not in key for key in load_file(tmp_path / WEIGHTS_FILE))
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["method"]["name"] == name
+    plain = PeftModel.from_pretrained(tiny().model, tmp_path).eval()
+    assert torch.equal(plain(input_ids=ids, attention_mask=mask).logits, expected)
+    assert torch.equal(load_adapter(tiny().model, tmp_path)(ids, attention_mask=mask).logits, expected)
+
+
+def test_adapter_of_the_earlier_layout_still_loads(tiny, batch, tmp_path):
+    """reft_lab.adapter/1: metadata in adapter_config.json, tensors under reft_lab's own names."""
+    from safetensors.torch import save_file
+
+    loaded = tiny()
+    tuned = attach(loaded.model, {"name": "lora", "dropout": 0.0}, loaded.name)
+    _train_steps(tuned)
+    ids, mask, lengths = batch
+    expected = tuned(ids, attention_mask=mask).logits
+    save_adapter(tuned, tmp_path)
+    metadata = json.loads((tmp_path / CONFIG_FILE).read_text())
+    (tmp_path / CONFIG_FILE).unlink()
+    (tmp_path / PEFT_CONFIG_FILE).write_text(json.dumps({**metadata, "format": LEGACY_FORMAT}))
+    save_file({n: p.detach().contiguous() for n, p in tuned.trainable_state().items()}, tmp_path / WEIGHTS_FILE)
+    assert torch.equal(load_adapter(tiny().model, tmp_path)(ids, attention_mask=mask).logits, expected)
+
+
+def test_adapter_with_non_finite_tensors_is_refused(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_adapter(attach(tiny().model, {"name": "loreft", "layers": [0]}), tmp_path)
+    state = load_file(tmp_path / WEIGHTS_FILE)
+    first = sorted(state)[0]
+    state[first] = torch.full_like(state[first], float("nan"))
+    save_file(state, tmp_path / WEIGHTS_FILE)
+    with pytest.raises(AdapterError, match=f"tensor {first} holds NaN or infinite values"):
+        load_adapter(tiny().model, tmp_path)
 
 
 def test_adapter_config_records_reft_fields(tiny, tmp_path):

@@ -1,9 +1,13 @@
 """Shipped data is reproducible and disjoint; scorers and format detectors."""
 
-from reft_lab.data import generate
-from reft_lab.data import read_retention
+from reft_lab.data import generate, read_retention
 from reft_lab.tasks import Example, TaskConfig, load_task
-from reft_lab.tasks.builtin import looks_like_bare_number, looks_like_json, score_arithmetic, score_json_answer
+from reft_lab.tasks.builtin import (
+    looks_like_bare_number,
+    looks_like_json,
+    score_arithmetic,
+    score_json_answer,
+)
 
 
 def test_shipped_files_match_the_generator():

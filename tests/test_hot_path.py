@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE
+
 from reft_lab.accounting import fingerprint
 from reft_lab.cli import main
 from reft_lab.data.batching import EncodedExample, collate_train
 from reft_lab.methods import attach
-from reft_lab.prefix_cache import PrefixCache
-from reft_lab.train import response_loss
+from reft_lab.training import response_loss
+from reft_lab.training.prefix_cache import PrefixCache
 
 
 def _examples(lengths, seed=0):
@@ -73,7 +73,8 @@ def test_gradient_checkpointing_equal_losses_and_gradients(tiny, method):
 
 @pytest.mark.slow
 def test_compiled_layers_equal_losses_and_gradients(tiny):
-    from reft_lab.models.layers import compiled_layers, decoder_layers
+    from reft_lab.models.layers import decoder_layers
+    from reft_lab.training.speedups import compiled_layers
 
     batches = [collate_train(_examples(lengths, seed), 0) for seed, lengths in enumerate([[(7, 3), (9, 5)], [(12, 4), (5, 2)]])]
     results, graphs = [], []
@@ -159,8 +160,9 @@ def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
 def test_bench_floor_provider_and_needed_flops(tmp_path):
     """The floor (plain model, activation backward from the lowest edited layer, no edit) runs and
     is compared with; needed FLOPs match a hand count."""
-    import reft_lab.bench as bench
     from transformers import LlamaConfig
+
+    import reft_lab.bench as bench
 
     assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2", "--memory-steps", "1",
                  "--providers", "reft_lab_loreft", "floor", "--out", str(tmp_path)]) == 0
@@ -190,18 +192,18 @@ def test_bench_ratios_of_medians_and_paired_per_round():
 
 
 def test_chunked_cross_entropy_equals_one_chunk(tiny, monkeypatch):
-    import reft_lab.train as train_module
+    import reft_lab.training.loss as loss_module
 
     batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
     tuned = _fresh(tiny, {"name": "loreft", "layers": [1]})
     whole = response_loss(tuned, batch)
-    monkeypatch.setattr(train_module, "CE_CHUNK_ELEMENTS", 300)  # ~1 row of a 259-token vocabulary per chunk
+    monkeypatch.setattr(loss_module, "CE_CHUNK_ELEMENTS", 300)  # ~1 row of a 259-token vocabulary per chunk
     chunked = response_loss(tuned, batch)
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
 def test_length_grouped_batches_are_a_sorted_permutation():
-    from reft_lab.train import BatchStream
+    from reft_lab.training import BatchStream
 
     data = _examples([(int(n), 2) for n in torch.randint(2, 40, (30,), generator=torch.Generator().manual_seed(1))])
     plain = BatchStream(data, 4, 0, seed=0)
@@ -298,7 +300,7 @@ def test_prefix_cache_entries_are_copies_of_their_rows_on_the_model_device(tiny,
 
 def test_stochastic_prefix_names_the_dropout_below_the_layer(tiny):
     from reft_lab.models.layers import decoder_layers
-    from reft_lab.prefix_cache import stochastic_prefix
+    from reft_lab.training.prefix_cache import stochastic_prefix
 
     assert "p=0.1" in stochastic_prefix(tiny("gpt2").model, 1)  # GPT-2: embedding and block dropout
     llama = tiny().model
@@ -324,7 +326,7 @@ def test_training_uses_the_prefix_cache_by_default_unless_dropout_feeds_it(tmp_p
 
 @pytest.mark.parametrize("arch,expected", [("llama", 4), ("qwen2", 4), ("gpt2", 0), ("gpt_neox", 0)])
 def test_gated_mlps_are_found_by_their_forward(tiny, arch, expected):
-    from reft_lab.models.recompute import gated_mlps
+    from reft_lab.training.recompute import gated_mlps
 
     assert len(gated_mlps(tiny(arch).model)) == expected
 
@@ -336,7 +338,7 @@ def test_gated_mlps_are_found_by_their_forward(tiny, arch, expected):
 ], ids=["loreft", "lora-on-the-mlp", "full"])
 def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, method, saved):
     from reft_lab.models.layers import decoder_layers
-    from reft_lab.models.recompute import lean_gated_mlps
+    from reft_lab.training.recompute import lean_gated_mlps
 
     batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
     tuned = _fresh(tiny, method)
@@ -365,7 +367,7 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     from dataclasses import replace
 
     from reft_lab.config import compose
-    from reft_lab.train import RunSettings, config_fingerprint
+    from reft_lab.settings import RunSettings, config_fingerprint
 
     base = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=loreft"]))
     same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"prefix_cache_gb": 1.0}]

@@ -5,7 +5,7 @@ import torch
 
 from reft_lab.interventions import INTERVENTIONS, orthonormal_rows
 from reft_lab.methods import attach
-from reft_lab.train import build_optimizer
+from reft_lab.training import build_optimizer
 
 
 def _set(module, **tensors):

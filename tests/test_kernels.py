@@ -6,8 +6,8 @@ tiny shapes. Tests marked gpu run the compiled kernel on CUDA.
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from reft_lab.interventions.edit import low_rank_edit
 from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit
 
@@ -129,10 +129,11 @@ def test_per_row_adapters_refuse_bad_ids_and_gradients():
 def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
     from reft_lab.config import compose
     from reft_lab.data.batching import PromptEncoder, encode_examples
-    from reft_lab.tasks import load_task
     from reft_lab.methods import attach
     from reft_lab.models import load_model
-    from reft_lab.train import RunSettings, seed_everything, train
+    from reft_lab.settings import RunSettings
+    from reft_lab.tasks import load_task
+    from reft_lab.training import seed_everything, train
 
     losses = {}
     for impl in ("eager", "triton"):
@@ -150,7 +151,8 @@ def test_model_trains_to_the_same_losses_with_triton_and_eager(name):
                 self.values.append(v["loss"])
 
         record = Record()
-        train(tuned, encode_examples(encoder, load_task(settings.task).train), settings, encoder.pad_id, record)
+        train(tuned, encode_examples(encoder, load_task(settings.task).train), settings.trainer, lr=settings.lr,
+              seed=settings.seed, pad_id=encoder.pad_id, logger=record)
         losses[impl] = record.values
     assert losses["triton"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
 
@@ -180,7 +182,7 @@ def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monk
     for a CPU one."""
     from reft_lab.config import compose
     from reft_lab.errors import ConfigError
-    from reft_lab.train import RunSettings
+    from reft_lab.settings import RunSettings
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

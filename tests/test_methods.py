@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from conftest import TINY_ARCHS
 
 from reft_lab.accounting import fingerprint, param_report
 from reft_lab.errors import ConfigError
-from reft_lab.methods import METHODS, attach
-from reft_lab.train import build_optimizer
-
-from conftest import TINY_ARCHS
+from reft_lab.methods import attach, methods
+from reft_lab.training import build_optimizer
 
 METHOD_ROWS = [
     {"name": "loreft", "rank": 4, "layers": [1, 3], "positions": "f2+l2"},
@@ -22,7 +21,7 @@ METHOD_ROWS = [
 
 
 def test_every_registered_method_has_a_row():
-    assert {row["name"] for row in METHOD_ROWS} == set(METHODS)
+    assert {row["name"] for row in METHOD_ROWS} == set(methods())
 
 
 def _train_steps(tuned, steps=2):
@@ -52,7 +51,7 @@ def test_training_changes_exactly_the_trainable_state(tiny, row):
     assert len(moved) == len(trainable), f"trainable parameters that did not move: {set(trainable) - set(moved)}"
     changed_base = fingerprint(tuned.base_model) != base_before
     assert changed_base == (row["name"] == "full")
-    if METHODS[row["name"]].is_reft:
+    if methods()[row["name"]].is_reft:
         assert all(n.startswith("interventions.") for n in trainable)
     if row["name"] in ("lora", "dora"):
         assert trainable and all("lora_" in n for n in trainable)

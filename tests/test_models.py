@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_ARCHS
 
 from reft_lab.errors import ConfigError
 from reft_lab.models import ModelConfig, decoder_layers, load_model
 from reft_lab.models.loading import embedded_model_dir
-
-from conftest import TINY_ARCHS
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

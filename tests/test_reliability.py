@@ -88,9 +88,9 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path):
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
-    import reft_lab.train as train_module
+    import reft_lab.training.loss as loss_module
 
-    real = train_module.response_loss
+    real = loss_module.response_loss
     calls = {"n": 0}
 
     def poisoned(tuned, batch):
@@ -98,7 +98,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
         loss = real(tuned, batch)
         return loss * float("nan") if calls["n"] == 5 else loss
 
-    monkeypatch.setattr(train_module, "response_loss", poisoned)
+    monkeypatch.setattr(loss_module, "response_loss", poisoned)
     run = tmp_path / "nan"
     assert main(["train", f"hydra.run.dir={run}", *SMALL, "trainer.max_steps=8", "trainer.checkpoint_every=2"]) == 2
     err = capsys.readouterr().err
@@ -213,7 +213,7 @@ def test_bad_adapter_directories(tmp_path, capsys, saved_adapter):
     cases.append(([str(saved_adapter), "--model", "tiny:gpt2"], "was trained on base"))
     not_adapter = tmp_path / "plain"
     not_adapter.mkdir()
-    cases.append(([str(not_adapter)], "adapter_config.json is missing"))
+    cases.append(([str(not_adapter)], "reft_lab_adapter.json is missing"))
     for adapter_args, needle in cases:
         code = main(["generate", "--adapter", *adapter_args, "hello"])
         err = capsys.readouterr().err

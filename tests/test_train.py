@@ -8,11 +8,12 @@ import pytest
 from reft_lab.cli import main
 from reft_lab.config import compose
 from reft_lab.data.batching import PromptEncoder, encode_examples
-from reft_lab.tasks import load_task
 from reft_lab.methods import attach
 from reft_lab.metrics import read_metrics, validate
 from reft_lab.models import load_model
-from reft_lab.train import RunSettings, seed_everything, train
+from reft_lab.settings import RunSettings
+from reft_lab.tasks import load_task
+from reft_lab.training import seed_everything, train
 
 SMALL = ["model=tiny", "trainer=smoke", "retention.knowledge_probe=4", "retention.kl_prompts=2",
          "retention.leakage_prompts=2", "retention.kl_tokens=4", "task.test_size=4"]
@@ -76,7 +77,8 @@ def test_golden_losses(method):
             self.losses.append(values["loss"])
 
     record = Record()
-    train(tuned, encode_examples(encoder, task.train), settings, encoder.pad_id, record)
+    train(tuned, encode_examples(encoder, task.train), settings.trainer, lr=settings.lr, seed=settings.seed,
+          pad_id=encoder.pad_id, logger=record)
     assert record.losses == pytest.approx(GOLDEN_LOSSES[method], rel=1e-5, abs=1e-6)
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-
 SHAPES = {  # (batch, T, d, rank, positions per row): ≥ 16M edited elements in the three large shapes
     "gpu": [(8, 512, 576, 4, 6), (64, 256, 4096, 4, 64), (128, 512, 4096, 8, 32), (256, 128, 2048, 16, 64)],
     "tiny": [(2, 16, 48, 4, 3)],  # a CPU run in Triton's interpreter: proves every row is produced, measures nothing useful

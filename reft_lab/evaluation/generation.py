@@ -6,7 +6,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from reft_lab.data.batching import PromptEncoder, left_pad, position_ids, predicting_positions
+from reft_lab.data.batching import (
+    PromptEncoder,
+    left_pad,
+    position_ids,
+    predicting_positions,
+)
 from reft_lab.methods import TunedModel
 from reft_lab.models.head import logits_at
 

@@ -1,17 +1,5 @@
-"""The evaluation suite: task metric and retention, on the same prompts before and after.
-
-Retention (prompt sets shipped in reft_lab/data/retention, disjoint from every task):
-* knowledge probe — short factual questions; accuracy, and retention = share of the questions the
-  base answers correctly that the tuned model still answers correctly (an accepted answer appears
-  in the greedy output as a whole word, in any format);
-* knowledge choice — the same questions scored by likelihood, free of output format: the answer
-  counts as known when log p(answer | question), teacher-forced right after the prompt and divided
-  by its length in characters, beats each of 3 distractors (other answers to the same kind of
-  question); accuracy and retention as above. A tuned model that answers in a new format but still
-  ranks the right answer first keeps its choice retention;
-* KL drift — mean per-token KL(base ‖ tuned) over the base's greedy continuations of general
-  prompts (teacher-forced, interventions applied as at inference);
-* leakage — share of off-task prompts whose output takes the task's format (e.g. starts with '{').
+"""The evaluation suite: the task metric and every retention metric (``retention.RETENTION``), on the
+same prompts before and after training.
 
 The base model's results depend only on the base, the prompts and these settings, so they are
 cached under $REFT_LAB_CACHE/evals, keyed by the base fingerprint: a sweep evaluates the base once.
@@ -21,30 +9,31 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
-from reft_lab.data.batching import PromptEncoder
-from reft_lab.data import read_retention
-from reft_lab.tasks import Task
-from reft_lab.evaluation.generation import continuation_logprobs, generate, option_scores
 from reft_lab.atomic import atomic_write_json
+from reft_lab.data import read_retention
+from reft_lab.data.batching import PromptEncoder
+from reft_lab.evaluation.generation import generate
+from reft_lab.evaluation.retention import PROBES, RETENTION
 from reft_lab.methods import TunedModel
+from reft_lab.tasks import Task
 
-EVAL_VERSION = 2  # bump when anything below changes what the cached base results mean
-PROBE_TOKENS = 16  # enough for {"answer": "Leonardo da Vinci"}
-LEAKAGE_TOKENS = 8  # the format shows in the first tokens
+EVAL_VERSION = 3  # bump when anything below changes what the cached base results mean
 
 
 @dataclass(kw_only=True)
 class EvalConfig:
-    knowledge_probe: int = 200
-    kl_prompts: int = 32
-    kl_tokens: int = 16
-    leakage_prompts: int = 48
-    batch_size: int = 32
+    """``retention``: how many of each shipped prompt set to score, the same before and after."""
+
+    knowledge_probe: int = 200  # factual questions (of 231 shipped); more = tighter estimate, slower eval
+    kl_prompts: int = 32  # general prompts for KL(base ‖ tuned) over their continuations
+    kl_tokens: int = 16  # continuation length scored per prompt
+    leakage_prompts: int = 48  # off-task prompts checked for the task's output format
+    batch_size: int = 32  # generation batch
 
     def __post_init__(self):
         from reft_lab.errors import config_error
@@ -61,19 +50,12 @@ class EvalConfig:
 
 @dataclass
 class BaseResults:
-    """What the untouched base produced (cached as JSON)."""
+    """What the untouched base produced: cached as JSON, all but ``references``."""
 
     task_outputs: list[str]
     task_scores: dict[str, float]
-    probe_correct: list[bool]
-    choice_correct: list[bool]
-    leakage_outputs: list[str]
-    kl_continuations: list[list[int]]
-
-
-def _contains_answer(output: str, answers: list[str]) -> bool:
-    text = output.lower()
-    return any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", text) for a in answers)
+    observed: dict[str, Any]  # probe name → observations
+    references: dict[str, Any] = field(default_factory=dict)  # probe name → what the tuned phase needs of the base
 
 
 class Suite:
@@ -90,88 +72,52 @@ class Suite:
         self.kl_prompts = [encoder.prompt_ids(p["prompt"]) for p in read_retention("general_prompts")[: cfg.kl_prompts]]
         self.leak_prompts = [encoder.prompt_ids(p["prompt"]) for p in read_retention("off_task_prompts")[: cfg.leakage_prompts]]
 
+    @staticmethod
+    def phase(base) -> str:
+        return "base" if base is None else "tuned"
+
     def texts(self, model: TunedModel, prompts, tokens: int, desc: str) -> list[str]:
         ids = generate(model, self.encoder, prompts, tokens, self.cfg.batch_size, desc)
         return [self.encoder.decode(x) for x in ids]
 
-    def run_prompts(self, model: TunedModel, phase: str):
+    def task_outputs(self, model: TunedModel, phase: str) -> tuple[list[str], dict[str, float]]:
         outputs = self.texts(model, self.task_prompts, self.task.max_new_tokens, f"task ({phase})")
-        probe = self.texts(model, self.probe_prompts, PROBE_TOKENS, f"knowledge probe ({phase})")
-        correct = [_contains_answer(o, q["answers"]) for o, q in zip(probe, self.probe)]
-        leaks = self.texts(model, self.leak_prompts, LEAKAGE_TOKENS, f"leakage ({phase})") if self.task.has_format else []
-        return outputs, self.task.score(outputs, self.task.test), correct, self.choose(model, phase), leaks
-
-    def choose(self, model: TunedModel, phase: str) -> list[bool]:
-        """Knowledge choice: per question, does the accepted answer out-score every distractor?"""
-        scores = option_scores(model, self.encoder, self.probe_prompts, self.choices, self.cfg.batch_size,
-                               f"knowledge choice ({phase})")
-        chosen = []
-        for scored, chars in zip(scores, self.choice_chars):
-            per_char = [score / n for score, n in zip(scored, chars)]
-            chosen.append(max(range(len(per_char)), key=per_char.__getitem__) == 0)
-        return chosen
-
-    def leakage(self, outputs: list[str]) -> float | None:
-        if not self.task.has_format or not outputs:
-            return None
-        return sum(self.task.has_format(o) for o in outputs) / len(outputs)
+        return outputs, self.task.score(outputs, self.task.test)
 
     def cache_key(self, fingerprint: str, device: torch.device) -> str:
         payload = {"fingerprint": fingerprint, "task": self.task.name, "tokens": self.task.max_new_tokens,
                    "prompts": [self.task_prompts, self.probe_prompts, self.choices, self.kl_prompts, self.leak_prompts],
-                   "eval": asdict(self.cfg), "device": device.type, "version": EVAL_VERSION}
+                   "eval": asdict(self.cfg), "device": device.type, "version": EVAL_VERSION, "probes": sorted(PROBES)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def evaluate_base(base: TunedModel, suite: Suite, fingerprint: str | None) -> BaseResults:
+    """The base's task outputs and probe observations (from the cache when this base, these prompts
+    and settings were evaluated before), and each probe's in-memory reference."""
     from reft_lab.models.loading import cache_dir
 
     device = next(base.parameters()).device
     path = cache_dir() / "evals" / f"{suite.cache_key(fingerprint, device)}.json" if fingerprint else None
+    results = None
     if path is not None and path.exists():
         try:
-            return BaseResults(**json.loads(path.read_text()))
+            results = BaseResults(**json.loads(path.read_text()))
         except (json.JSONDecodeError, TypeError):
             pass  # unreadable cache entry: recompute and overwrite
-    outputs, scores, correct, chosen, leaks = suite.run_prompts(base, "base")
-    continuations = generate(base, suite.encoder, suite.kl_prompts, suite.cfg.kl_tokens, suite.cfg.batch_size, "KL continuations (base)")
-    results = BaseResults(outputs, scores, correct, chosen, leaks, continuations)
-    if path is not None:
-        atomic_write_json(path, asdict(results))
+    if results is None:
+        outputs, scores = suite.task_outputs(base, "base")
+        results = BaseResults(outputs, scores, {name: probe.run(suite, base, None) for name, probe in PROBES.items()})
+        if path is not None:
+            atomic_write_json(path, {k: v for k, v in asdict(results).items() if k != "references"})
+    results.references = {name: probe.reference(suite, base, results.observed[name])
+                          for name, probe in PROBES.items() if probe.reference is not None}
     return results
 
 
-def base_logprobs(base: TunedModel, suite: Suite, results: BaseResults) -> list[torch.Tensor]:
-    return continuation_logprobs(base, suite.encoder, suite.kl_prompts, results.kl_continuations, suite.cfg.batch_size)
-
-
-def _accuracy_and_retention(before: list[bool], after: list[bool]) -> tuple[dict, dict]:
-    """Accuracy before/after, and retention: the share of what the base got right still right."""
-    known = [i for i, ok in enumerate(before) if ok]
-    n = len(before)
-    accuracy = {"before": sum(before) / n if n else None, "after": sum(after) / n if n else None}
-    retention = {"before": 1.0 if known else None, "after": sum(after[i] for i in known) / len(known) if known else None}
-    return accuracy, retention
-
-
-def evaluate_tuned(tuned: TunedModel, suite: Suite, base: BaseResults, base_lp: list[torch.Tensor]) -> dict:
-    outputs, scores, correct, chosen, leaks = suite.run_prompts(tuned, "tuned")
-    tuned_lp = continuation_logprobs(tuned, suite.encoder, suite.kl_prompts, base.kl_continuations, suite.cfg.batch_size)
-    kl_sum, n_tokens = 0.0, 0
-    for p, q in zip(base_lp, tuned_lp):
-        kl_sum += float((p.exp() * (p - q)).sum())
-        n_tokens += p.shape[0]
-    knowledge_accuracy, knowledge_retention = _accuracy_and_retention(base.probe_correct, correct)
-    choice_accuracy, choice_retention = _accuracy_and_retention(base.choice_correct, chosen)
-    return {
-        "task_outputs": outputs,
-        "task_scores": scores,
-        "retention": {
-            "knowledge_accuracy": knowledge_accuracy,
-            "knowledge_retention": knowledge_retention,
-            "knowledge_choice_accuracy": choice_accuracy,
-            "knowledge_choice_retention": choice_retention,
-            "kl_drift": {"before": 0.0, "after": kl_sum / n_tokens if n_tokens else None},
-            "leakage": {"before": suite.leakage(base.leakage_outputs), "after": suite.leakage(leaks)},
-        },
-    }
+def evaluate_tuned(tuned: TunedModel, suite: Suite, base: BaseResults) -> dict:
+    """Task outputs and scores of the tuned model, and every retention metric before and after."""
+    outputs, scores = suite.task_outputs(tuned, "tuned")
+    observed = {name: probe.run(suite, tuned, (base.observed[name], base.references.get(name)))
+                for name, probe in PROBES.items()}
+    retention = {m.name: m.score(suite, base.observed[m.probe], observed[m.probe]) for m in RETENTION}
+    return {"task_outputs": outputs, "task_scores": scores, "retention": retention}

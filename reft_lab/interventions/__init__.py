@@ -4,7 +4,12 @@ Each variant is one file with one ``@register_intervention`` line; importing it 
 a ReFT method of the same name (``method=<name>``).
 """
 
-from reft_lab.interventions.base import INTERVENTIONS, Intervention, orthonormal_rows, register_intervention
 from reft_lab.interventions import direft, loreft, noreft  # noqa: F401  (registration)
+from reft_lab.interventions.base import (
+    INTERVENTIONS,
+    Intervention,
+    orthonormal_rows,
+    register_intervention,
+)
 
 __all__ = ["INTERVENTIONS", "Intervention", "orthonormal_rows", "register_intervention"]

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from reft_lab.interventions.base import Intervention, linear_init_, register_intervention
+from reft_lab.interventions.base import (
+    Intervention,
+    linear_init_,
+    register_intervention,
+)
 
 
 @register_intervention("direft")

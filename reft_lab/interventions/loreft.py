@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from reft_lab.interventions.base import Intervention, linear_init_, orthonormal_rows, register_intervention
+from reft_lab.interventions.base import (
+    Intervention,
+    linear_init_,
+    orthonormal_rows,
+    register_intervention,
+)
 
 
 @register_intervention("loreft")

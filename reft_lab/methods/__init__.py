@@ -15,10 +15,10 @@ from reft_lab.config import build_section, plain
 from reft_lab.errors import config_error
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods.base import MethodConfig, TunedModel
-from reft_lab.methods.lora import LoraConfig, attach_lora
-from reft_lab.methods.reft import ReftConfig, ReftModel, attach_reft
 from reft_lab.methods.full import FullConfig, attach_full
+from reft_lab.methods.lora import LoraConfig, attach_lora
 from reft_lab.methods.none import NoneConfig, attach_none
+from reft_lab.methods.reft import ReftConfig, ReftModel, attach_reft
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,18 @@ class Method:
     is_reft: bool = False
 
 
-METHODS: dict[str, Method] = {
-    **{name: Method(ReftConfig, attach_reft, is_reft=True) for name in INTERVENTIONS},
+WEIGHT_METHODS: dict[str, Method] = {
     "lora": Method(LoraConfig, attach_lora),
     "dora": Method(LoraConfig, attach_lora),
     "full": Method(FullConfig, attach_full),
     "none": Method(NoneConfig, attach_none),
 }
+
+
+def methods() -> dict[str, Method]:
+    """Every method: each registered intervention (read now, so a variant registered after this
+    module was imported is one too), then the weight methods."""
+    return {**{name: Method(ReftConfig, attach_reft, is_reft=True) for name in INTERVENTIONS}, **WEIGHT_METHODS}
 
 
 def method_config(raw: dict | MethodConfig) -> MethodConfig:
@@ -43,9 +48,10 @@ def method_config(raw: dict | MethodConfig) -> MethodConfig:
         return raw
     raw = plain(raw)
     name = raw.get("name") if isinstance(raw, dict) else raw
-    if name not in METHODS:
-        raise config_error("method", name, f"one of {', '.join(METHODS)}")
-    return build_section(METHODS[name].config, raw, "method")
+    known = methods()
+    if name not in known:
+        raise config_error("method", name, f"one of {', '.join(known)}")
+    return build_section(known[name].config, raw, "method")
 
 
 def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "", base_fingerprint: str | None = None) -> TunedModel:
@@ -57,9 +63,9 @@ def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "", b
     base_params = count_parameters(model)
     if base_fingerprint is None and config.name == "full":
         base_fingerprint = fingerprint(model)
-    tuned = METHODS[config.name].attach(model, config)
+    tuned = methods()[config.name].attach(model, config)
     tuned.base_params, tuned.base_name, tuned.base_fingerprint = base_params, base_name, base_fingerprint
     return tuned.eval()  # deterministic until the trainer calls .train()
 
 
-__all__ = ["METHODS", "Method", "MethodConfig", "ReftConfig", "ReftModel", "TunedModel", "attach", "method_config"]
+__all__ = ["Method", "MethodConfig", "ReftConfig", "ReftModel", "TunedModel", "attach", "method_config", "methods"]

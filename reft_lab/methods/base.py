@@ -55,6 +55,14 @@ class TunedModel(nn.Module):
         """Exactly what an adapter saves: every parameter that requires grad, by its name here."""
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        """The adapter file's tensors, under the names that file format uses (here: ours)."""
+        return self.trainable_state()
+
+    def load_saved_state(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        """Load what ``saved_state`` wrote."""
+        self.load_trainable_state(state, source)
+
     def no_decay_parameter_names(self) -> set[str]:
         """Parameters that must stay out of weight decay (biases, norms, orthonormal bases)."""
         return {n for n, p in self.trainable_state().items() if p.ndim < 2}

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import peft
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS
+import torch
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULT_TARGETS,
+)
 from torch import nn
 
 from reft_lab.errors import ConfigError, config_error
@@ -41,9 +45,41 @@ class LoraConfig(MethodConfig):
 
 
 class PeftTunedModel(TunedModel):
+    """LoRA/DoRA as peft builds them; adapters are saved in peft's own format, so peft,
+    transformers' ``load_adapter`` and vLLM read them as they are."""
+
     @property
     def base_model(self) -> nn.Module:
         return self.model.get_base_model()
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_saved_state(self, state: dict[str, torch.Tensor], source: str = "adapter") -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        expected = self.saved_state()
+        missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+        if missing or unexpected:
+            raise ConfigError(f"{source}: tensors do not match method={self.config.name} on this model "
+                              f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        for name, value in state.items():
+            if value.shape != expected[name].shape:
+                raise ConfigError(f"{source}: tensor {name} is {list(value.shape)}, the model expects {list(expected[name].shape)}")
+        set_peft_model_state_dict(self.model, state)
+
+    def peft_config(self) -> dict:
+        """peft's adapter_config.json for this adapter, as ``PeftConfig.save_pretrained`` writes it."""
+        import json
+        import tempfile
+
+        config = self.model.peft_config["default"]
+        config.base_model_name_or_path = self.base_name or config.base_model_name_or_path
+        with tempfile.TemporaryDirectory() as tmp:
+            config.save_pretrained(tmp)
+            return json.loads((Path(tmp) / "adapter_config.json").read_text(encoding="utf-8"))
 
 
 def _targets(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -63,13 +63,15 @@ class TaskKind:
     """What ``register_task`` records: ``load(cfg, seed) → (train, test)``; ``score(output,
     example) → {score name: value}``, one of which is ``metric``; ``has_format(output)`` says whether
     an output takes the task's format (None: the task has no distinct format, no leakage measured);
-    ``check(cfg)`` raises a ConfigError for settings the task cannot use."""
+    ``check(cfg)`` raises a ConfigError for settings the task cannot use; ``defaults``: the task's
+    own TaskConfig defaults (``???`` for a key the user must give)."""
 
     load: Callable[[TaskConfig, int], tuple[list[Example], list[Example]]]
     score: Scorer
     metric: str
     has_format: Callable[[str], bool] | None = None
     check: Callable[[TaskConfig], None] | None = None
+    defaults: dict = field(default_factory=dict)
 
 
 TASKS: dict[str, TaskKind] = {}

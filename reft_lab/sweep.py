@@ -1,0 +1,207 @@
+"""``reft-lab train``: one job or a multirun sweep under Hydra.
+
+``run`` validates a single run before Hydra makes its output directory, resumes an optuna study
+from its storage, and hands each job to ``job``, which skips finished jobs, runs the recipe and
+records failures: in a multirun the other jobs go on and the sweep exits non-zero at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from reft_lab import distributed
+from reft_lab.config import compose, conf_dir
+from reft_lab.errors import ConfigError, ReftLabError
+from reft_lab.metrics import lookup
+from reft_lab.recipe import failed_metrics, run_job
+from reft_lab.settings import RunSettings
+from reft_lab.training import Interrupted
+
+
+class TrialFailed(ReftLabError):
+    """A search trial failed (recorded in its metrics.json); the sweeper marks the trial FAIL."""
+
+
+FAILURE_LOG_ENV = "REFT_LAB_FAILURE_LOG"
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out} is not writable ({err.strerror}): set hydra.run.dir / hydra.sweep.dir") from err
+
+
+def _completed(out: Path) -> dict | None:
+    path = out / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return metrics if metrics and metrics.get("status") == "ok" else None
+
+
+def threads_per_job(hc, requested: int | None) -> int:
+    """torch threads for one job, so parallel jobs never oversubscribe the cores: ``threads`` if
+    set; joblib: cores ÷ n_jobs (2 cores, n_jobs=2 → 1 each); submitit (local or SLURM, which start
+    every job at once): the launcher's cpus_per_task, else 1; the basic launcher: every core."""
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    target = str(hc.launcher.get("_target_", "")).lower()
+    if "submitit" in target:
+        return int(hc.launcher.get("cpus_per_task") or 1)
+    if "joblib" in target:
+        n_jobs = hc.launcher.get("n_jobs") or -1
+        return max(1, cores // (cores if n_jobs < 0 else n_jobs))
+    return max(1, cores // distributed.local_processes())  # torchrun: processes share the cores
+
+
+def _record_failure(line: str) -> None:
+    """Failures of jobs in other processes (joblib, submitit) reach the sweep through this file."""
+    log_path = os.environ.get(FAILURE_LOG_ENV)
+    if log_path:
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line.replace("\n", " ") + "\n")
+
+
+_validated: dict[str, RunSettings] = {}  # a single run's settings, checked before Hydra started
+
+
+def _job_key(cfg: DictConfig) -> str | None:
+    try:
+        return OmegaConf.to_yaml(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    except Exception:  # noqa: BLE001  (an interpolation only Hydra's run can resolve: validate again there)
+        return None
+
+
+def job(cfg: DictConfig) -> float:
+    """One Hydra job; returns ``optimized_metric`` for sweepers (NaN for a failed job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    multirun = hc.mode == RunMode.MULTIRUN
+    optuna_search = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
+    torch.set_num_threads(threads_per_job(hc, cfg.get("threads")))
+    group = Path(hc.sweep.dir).name if multirun else "single"
+    done = _completed(out) if cfg.get("skip_completed", True) else None
+    if done is not None:
+        print(f"reft-lab train: {out} already has an ok metrics.json: skipped (skip_completed=false re-runs it)")
+        value = lookup(done, cfg.optimized_metric)
+        return float("nan" if value is None else value)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    try:
+        _check_writable(out)
+        settings = _validated.pop(_job_key(cfg), None)
+        if settings is None:
+            settings = RunSettings.from_cfg(cfg)
+            settings.preflight()
+        metrics = run_job(settings, OmegaConf.to_container(cfg, resolve=True), out, group)
+    except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
+        if not main_process:
+            raise
+        failed = failed_metrics(cfg, out, err) if out.is_dir() else {"error": str(err)}
+        _record_failure(f"{out}: {failed['error']}")
+        print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
+        if isinstance(err, Interrupted):
+            raise SystemExit(128 + err.signum) from None
+        if optuna_search:
+            raise TrialFailed(failed["error"]) from None  # the optuna sweeper records a FAIL trial
+        if multirun:
+            return float("nan")
+        if isinstance(err, ReftLabError):
+            raise SystemExit(2) from None
+        raise
+    if metrics is None:  # a non-main torchrun process: rank 0 reports
+        return float("nan")
+    value = float(lookup(metrics, cfg.optimized_metric))
+    if not math.isfinite(value) and optuna_search:
+        raise TrialFailed(f"{cfg.optimized_metric} is {value}")  # a failure for the search, not a result
+    return value
+
+
+def resume_search(args: list[str]) -> list[str] | None:
+    """For an optuna search with sqlite storage: create the storage's folder, and run only the
+    trials the study still lacks (``hydra.sweeper.n_trials`` is the study's total). None when the
+    study is already complete."""
+    if not any(a.startswith(("hparams_search=", "hydra/sweeper=")) for a in args):
+        return args
+    try:
+        cfg = compose([a for a in args if not a.startswith("-")], with_hydra=True)
+    except ConfigError:
+        return args  # Hydra reports the problem itself
+    sweeper = cfg.hydra.sweeper
+    storage = str(sweeper.get("storage") or "")
+    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not storage.startswith("sqlite:///"):
+        return args
+    Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=sweeper.study_name, storage=storage)
+    except KeyError:
+        return args  # a new study
+    done_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL, optuna.trial.TrialState.PRUNED)
+    finished = sum(t.state in done_states for t in study.trials)
+    remaining = int(sweeper.n_trials) - finished
+    if remaining <= 0:
+        print(f"reft-lab train: study {sweeper.study_name!r} already has {finished} finished trials (n_trials={sweeper.n_trials})")
+        return None
+    print(f"reft-lab train: resuming study {sweeper.study_name!r}: {finished} trials finished, {remaining} to go")
+    # a re-seeded sampler would repeat its first suggestions: offset the seed by the trials done
+    seed = int(OmegaConf.select(cfg, "hydra.sweeper.sampler.seed", default=0) or 0) + finished
+    return [*args, f"hydra.sweeper.n_trials={remaining}", f"hydra.sweeper.sampler.seed={seed}"]
+
+
+def run(args: list[str]) -> int:
+    """Run ``reft-lab train`` with Hydra; 0 when every job succeeded, else non-zero."""
+    import hydra
+
+    from reft_lab.conf_store import register
+
+    register()
+    args = resume_search(args)
+    if args is None:
+        return 0
+    if not {"-m", "--multirun"} & set(args):
+        # a single run is validated before Hydra makes its output directory: one line per mistake
+        cfg = compose([a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))])
+        settings = RunSettings.from_cfg(cfg)
+        settings.preflight()
+        key = _job_key(cfg)
+        if key is not None:
+            _validated[key] = settings
+    failure_log = tempfile.NamedTemporaryFile(prefix="reft_lab_failures_", suffix=".log", delete=False)
+    failure_log.close()
+    os.environ[FAILURE_LOG_ENV] = failure_log.name
+    main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(job)
+    argv, sys.argv = sys.argv, ["reft-lab train", *args]
+    try:
+        main()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):
+            return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        _validated.clear()
+        failures = [line for line in Path(failure_log.name).read_text(encoding="utf-8").splitlines() if line]
+        os.environ.pop(FAILURE_LOG_ENV, None)
+        os.unlink(failure_log.name)
+    if failures:
+        print(f"reft-lab train: {len(failures)} job(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,53 @@
+"""``trainer``: the training budget and the switches of the hot path (the one place their defaults live)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from reft_lab.errors import config_error
+from reft_lab.models.loading import DTYPES
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    max_steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    bf16: bool = True
+    log_every: int = 1
+    group_by_length: bool = False  # batches of similar length (less padding); changes the data order
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
+    compile: bool = False  # torch.compile each decoder block: fused pointwise ops, faster steps after a cold compile (README)
+    recompute_mlp_act: bool = True  # gated MLPs recompute act(gate) in backward instead of saving it (eager path)
+    prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
+    prefix_cache_gb: float = 2.0  # memory bound of the cache
+    prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache
+    prefix_cache_spill: bool = False  # past the bound, spill entries to <job dir>/prefix_cache
+    checkpoint_every: int = 25  # steps between checkpoints; 0 = only on SIGTERM/SIGINT
+    keep_checkpoints: int = 2  # newest checkpoints kept
+    resume: bool = True  # continue from the job directory's newest complete checkpoint
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0:
+            raise config_error("trainer.checkpoint_every", self.checkpoint_every, "an integer ≥ 0 (0 = only on SIGTERM/SIGINT)")
+        if self.prefix_cache_gb <= 0:
+            raise config_error("trainer.prefix_cache_gb", self.prefix_cache_gb, "a number > 0")
+        if self.prefix_cache_dtype is not None and self.prefix_cache_dtype not in DTYPES:
+            raise config_error("trainer.prefix_cache_dtype", self.prefix_cache_dtype, f"null or one of {', '.join(DTYPES)}")
+        if self.keep_checkpoints < 1:
+            raise config_error("trainer.keep_checkpoints", self.keep_checkpoints, "an integer ≥ 1")
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise config_error(f"trainer.{key}", getattr(self, key), "an integer ≥ 1")
+        if self.lr is not None and not self.lr > 0:
+            raise config_error("trainer.lr", self.lr, "null (the method's default) or a number > 0")
+        if self.weight_decay < 0:
+            raise config_error("trainer.weight_decay", self.weight_decay, "a number ≥ 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise config_error("trainer.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise config_error("trainer.max_grad_norm", self.max_grad_norm, "null or a number > 0")

@@ -1,0 +1,188 @@
+"""The training loop: optimizer, schedule, checkpoints and resume, stop signals, the NaN guard."""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from reft_lab import distributed
+from reft_lab.checkpoint import (
+    Progress,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from reft_lab.data.batching import EncodedExample
+from reft_lab.errors import ReftLabError
+from reft_lab.methods import TunedModel
+from reft_lab.training import loss as losses
+from reft_lab.training.config import TrainerConfig
+from reft_lab.training.speedups import hot_path, prefix_cache
+from reft_lab.training.stream import BatchStream
+
+
+def build_optimizer(tuned: TunedModel, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable state. Biases, norms and orthonormalised bases get no weight decay:
+    decay on an orthogonally parametrised R is what collapses it (see interventions.base)."""
+    no_decay = tuned.no_decay_parameter_names()
+    params = tuned.trainable_state()
+    groups = [
+        {"params": [p for n, p in params.items() if n not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in params.items() if n in no_decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_ratio: float):
+    """Linear warm-up to the peak rate over ``warmup_ratio·max_steps``, then linear decay to 0."""
+    warmup = int(round(warmup_ratio * max_steps))
+
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (max_steps - step) / max(1, max_steps - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    final_loss: float | None = None
+    wall_s: float = 0.0
+    tokens_per_s: float | None = None  # steady state: after this process's first step
+    first_step_s: float | None = None  # this process's first step, with its Triton JIT / compile warm-up
+
+
+class Interrupted(ReftLabError):
+    """A stop signal during training: a checkpoint was written; re-running the job resumes."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved; "
+                         "re-run the same job directory to resume")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # USR2: SLURM's pre-timeout/preemption signal
+
+
+@contextmanager
+def stop_signals():
+    """Record stop signals instead of dying mid-step; the loop checkpoints, then hands the signal to
+    whoever handled it before (submitit requeues the job on SIGUSR2) or stops the job."""
+    received: list[int] = []
+    previous = {}
+    for sig in STOP_SIGNALS:
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: received.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield received, previous
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr: float, seed: int, pad_id: int,
+          logger, job_dir: Path | None = None, run_id: str = "", dist_info: distributed.Dist = distributed.Dist()) -> TrainStats:
+    """The loop: ``t.max_steps`` optimizer steps at peak rate ``lr`` over ``data`` in the order drawn
+    from ``seed``. With ``job_dir`` it checkpoints every ``t.checkpoint_every`` steps and on
+    SIGTERM/SIGINT, and resumes from the newest complete checkpoint there whose ``run_id`` (the
+    run's configuration fingerprint) matches. Under torchrun each process trains on its slice of
+    every batch and rank 0 writes the checkpoints."""
+    params = list(tuned.trainable_state().values())
+    if not params:
+        return TrainStats()
+    device = params[0].device
+    optimizer = build_optimizer(tuned, lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.max_steps, t.warmup_ratio)
+    progress = Progress()
+    latest = latest_checkpoint(job_dir) if job_dir is not None and t.resume else None
+    if latest is not None:
+        progress = load_checkpoint(latest, tuned, optimizer, scheduler, run_id)
+        print(f"reft-lab: resuming from {latest} (step {progress.step})")
+    stream = BatchStream(data, t.batch_size, pad_id, seed, progress.epoch, progress.offset,
+                         dist_info.rank, dist_info.world, t.group_by_length)
+    model = distributed.wrap(tuned, dist_info)
+    cache = prefix_cache(tuned, t, job_dir)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
+
+    def checkpoint() -> None:
+        if job_dir is not None and dist_info.main:
+            progress.epoch, progress.offset = stream.epoch, stream.offset
+            save_checkpoint(job_dir, tuned, optimizer, scheduler, progress, run_id, t.keep_checkpoints)
+
+    if t.gradient_checkpointing:
+        # non-reentrant: correct with a frozen base (no input requires grad) and with the edit hooks
+        tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tuned.train()
+    start = time.perf_counter() - progress.elapsed_s
+    warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (loss.item() synchronises)
+    first_step_s = tokens_per_s = None
+    bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
+               desc=f"train {tuned.config.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
+    with stop_signals() as (received, previous), hot_path(tuned, t):
+        for step in bar:
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(t.grad_accum):
+                batch = next(stream).to(device)
+                with autocast, cache.around_batch(batch) if cache else nullcontext():
+                    loss = losses.response_loss(model, batch) / t.grad_accum
+                loss.backward()
+                step_loss += loss.item()
+                step_tokens += batch.n_tokens
+            if dist_info.world > 1:  # log the mean loss and all processes' tokens
+                step_loss, step_tokens = distributed.mean_and_sum(step_loss, step_tokens, device)
+            progress.tokens += step_tokens
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
+                kept = f"the last good checkpoint is step {progress.step}" if progress.step and job_dir else "no checkpoint was written"
+                raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step, progress.last_loss = step + 1, step_loss
+            now = time.perf_counter()
+            if warm is None:
+                first_step_s = now - start - progress.elapsed_s
+                warm = (now, progress.tokens)
+            progress.elapsed_s = now - start
+            # steady state after the first step; with one step in this process, its warm-up included
+            tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            if progress.step % t.log_every == 0 and dist_info.main:
+                logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                           "tokens_per_s": tokens_per_s})
+            if received:
+                checkpoint()
+                handler = previous.get(received[0])
+                if callable(handler) and handler is not signal.default_int_handler:
+                    handler(received[0], None)  # e.g. submitit: requeue from this checkpoint
+                raise Interrupted(received[0], progress.step)
+            if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
+                checkpoint()
+    tuned.eval()
+    if cache is not None and dist_info.main:
+        print(f"reft-lab: {cache.summary()}")
+    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, tokens_per_s, first_step_s)
