@@ -114,6 +114,7 @@ def _synthetic(tmp: Path, method: str, seed: int, gain: float, retention: float)
         "task_before": 0.0, "task_after": gain, "task_gain": gain, "task_scores": {}, "tokens_per_s": 1.0,
         "final_loss": 1.0, "base_fingerprint_before": "a", "base_fingerprint_after": "a", "versions": {},
         "config": {"method": {"name": method}, "seed": seed}, "output_dir": str(tmp / f"{method}{seed}"),
+        "finished_at": "2026-11-23T00:00:00+00:00",
         "retention": {"knowledge_accuracy": {"before": 1.0, "after": 1.0},
                       "knowledge_retention": {"before": 1.0, "after": retention},
                       "knowledge_choice_accuracy": {"before": 1.0, "after": 1.0},
