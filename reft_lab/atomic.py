@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one."""
+"""Atomic file writes: a reader sees the old file or the complete new one, never a partial one; and
+the check that a directory can take them."""
 
 from __future__ import annotations
 
@@ -36,3 +37,34 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_writable(directory: str | Path, key: str = "--out") -> None:
+    """Raise a one-line ReftLabError unless files can be created in ``directory`` (made if missing).
+    A probe, not permission bits: root passes those on read-only or immutable directories."""
+    from reft_lab.errors import ReftLabError
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ReftLabError(f"{key}={directory}: cannot write there ({err.strerror or err}): choose a writable directory") from err
+
+
+def nearest_writable(path: str | Path, key: str) -> None:
+    """Like ``check_writable``, without creating ``path``: probe it if it exists, else its nearest
+    existing ancestor (a directory that does not exist yet is made later, by whoever needs it)."""
+    from reft_lab.errors import ReftLabError
+
+    path = Path(path).absolute()
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise ReftLabError(f"{key}={path}: cannot write there ({existing} is not a directory): choose a writable directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=".write-test-", dir=existing)
+        os.rmdir(probe)
+    except OSError as err:
+        raise ReftLabError(f"{key}={path}: cannot write there ({err.strerror or err} in {existing}): choose a writable directory") from err

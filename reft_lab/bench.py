@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from reft_lab.errors import ReftLabError
+
 from reft_lab.data.batching import EncodedExample, collate_train
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
@@ -405,15 +407,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", choices=list(SCALES), default=None,
                         help="a random-initialised model and workload of this size, built on the device: smol_A (config A's "
                              "shapes), smol_b32, llama1b_b16, llama7b_b8 (bf16 base weights on CUDA); adds an MFU column")
-    parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("experiments/bench"))
+    parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS,
+                        help="the training steps to time: reft_lab's and pyreft's LoReFT, peft's LoRA, the frozen-base floor")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (JIT, caches)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per provider, interleaved; medians are reported")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps run to measure each provider's peak training memory")
+    parser.add_argument("--out", type=Path, default=Path("experiments/bench"),
+                        help="folder the JSON-lines record and the CSV table are appended to")
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS, help="intervened layers (config A: 6 12 18 24)")
     parser.add_argument("--profile", default=None, choices=PROVIDERS, help="print torch.profiler's op table of one step of this provider")
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one provider's memory
     opts = parser.parse_args(argv)
+    for key in ("warmup", "steps", "memory_steps"):
+        if getattr(opts, key) < (0 if key == "warmup" else 1):
+            raise ReftLabError(f"--{key.replace('_', '-')}={getattr(opts, key)} is not allowed: an integer ≥ {0 if key == 'warmup' else 1}")
     LAYERS[:] = opts.layers
     if opts.scale:
         opts.model = set_scale(opts.scale)

@@ -17,7 +17,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ class Progress:
     tokens: int = 0
     elapsed_s: float = 0.0
     last_loss: float | None = None
+    losses: list[float] = field(default_factory=list)  # every step's loss: the divergence rule reads its start and end
 
 
 def _sha256(path: Path) -> str:

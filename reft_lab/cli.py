@@ -27,7 +27,23 @@ examples:
 """
 
 
+PARAMS_HELP = """usage: reft-lab params [overrides]
+
+Parameter accounting as JSON: trainable_params, base_params, trainable_pct (100 · trainable / base),
+adapter_bytes (the exact size of the adapter file) and device. Takes the same overrides as
+`reft-lab train`; a model directory holding only config.json is built on the meta device, so
+configs alone give the counts (no weights load).
+
+examples:
+  reft-lab params method=loreft method.rank=8 method.tied=true model.name_or_path=experiments/param_counts/llama-7b
+  reft-lab params method=lora method.rank=16 model=tiny
+"""
+
+
 def params_command(overrides: list[str]) -> int:
+    if {"-h", "--help"} & set(overrides):
+        print(PARAMS_HELP)
+        return 0
     from reft_lab.accounting import param_report
     from reft_lab.config import build_section, compose
     from reft_lab.methods import attach, method_config
@@ -63,20 +79,32 @@ def generate_command(args: list[str]) -> int:
     from reft_lab.data.batching import PromptEncoder
     from reft_lab.evaluation.generation import generate
     from reft_lab.models import ModelConfig, load_model
+    from reft_lab.models.layers import context_length
 
-    parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of saved adapters.")
+    parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of saved adapters on their base model.")
     parser.add_argument("--adapter", required=True, action="append",
                         help="directory written by a training job (…/adapter); repeat it to answer every prompt with "
                              "each adapter, in shared batches (ReFT adapters of one layout)")
     parser.add_argument("--model", default=None, help="base model (default: the one recorded in the first adapter)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("prompts", nargs="+")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer, at most (≥ 1)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts generated at once (≥ 1); more is faster, needs more memory")
+    parser.add_argument("prompts", nargs="+", help="the prompts, each one argument (quote it); none may be empty")
     opts = parser.parse_args(args)
+    for key in ("max_new_tokens", "batch_size"):
+        if getattr(opts, key) < 1:
+            raise ReftLabError(f"--{key.replace('_', '-')}={getattr(opts, key)} is not allowed: an integer ≥ 1")
+    empty = [i for i, p in enumerate(opts.prompts, 1) if not p.strip()]
+    if empty:
+        raise ReftLabError(f"prompt {empty[0]} is empty: give each prompt as a non-empty argument")
     recorded = read_adapter_config(opts.adapter[0])
     loaded = load_model(ModelConfig(name_or_path=opts.model or recorded["base"]["name_or_path"]))
     encoder = PromptEncoder(loaded.tokenizer)
     prompts = [encoder.prompt_ids(p) for p in opts.prompts]
+    context = context_length(loaded.model)
+    for i, ids in enumerate(prompts, 1):
+        if context and len(ids) + opts.max_new_tokens > context:
+            raise ReftLabError(f"prompt {i} is {len(ids)} tokens: with --max-new-tokens {opts.max_new_tokens} that exceeds "
+                               f"the model's context of {context} tokens; shorten it or lower --max-new-tokens")
     if len(opts.adapter) == 1:
         model = load_adapter(loaded.model, opts.adapter[0], base_name=loaded.name)
     else:  # one model serving every adapter: rows of one batch may use different adapters

@@ -6,6 +6,7 @@ lists, unions, None) before the dataclass's own ``__post_init__`` checks ranges.
 
 from __future__ import annotations
 
+import hashlib
 import types
 import typing
 from dataclasses import fields
@@ -17,10 +18,20 @@ from reft_lab.errors import ConfigError
 
 T = TypeVar("T")
 
+def _digest(text) -> str:
+    return hashlib.sha256(str(text).encode()).hexdigest()[:12]
+
+
+def job_dirname(overrides) -> str:
+    """A sweep job's directory name from its overrides (Hydra's override_dirname): path separators
+    become underscores; past 120 characters the name is cut and ends in a digest of the whole."""
+    name = str(overrides).replace("/", "_") or "defaults"
+    return name if len(name) <= 120 else f"{name[:100]}_{_digest(name)}"
+
+
 # ${digest:<text>}: a short stable name, e.g. a search trial's directory from its overrides
-OmegaConf.register_new_resolver(
-    "digest", lambda text: __import__("hashlib").sha256(str(text).encode()).hexdigest()[:12], replace=True
-)
+OmegaConf.register_new_resolver("digest", _digest, replace=True)
+OmegaConf.register_new_resolver("job_dirname", job_dirname, replace=True)
 
 
 def plain(value: Any) -> Any:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from reft_lab.atomic import atomic_write
 from reft_lab.errors import config_error
 
 
@@ -42,15 +43,33 @@ class NullLogger:
 
 
 class CsvLogger(NullLogger):
+    """Per-step rows in one CSV. A resumed job continues the file: the rows before its first step
+    stay, the rows a killed run wrote after its last checkpoint are replaced by the re-run steps."""
+
     def __init__(self, path: Path):
         self.path, self.file, self.writer = path, None, None
+
+    def _earlier_rows(self, step: int) -> list[dict]:
+        try:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                return [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) < step]
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return []
 
     def log(self, step: int, values: dict) -> None:
         row = {"step": step, **values}
         if self.writer is None:
-            self.file = open(self.path, "w", newline="", encoding="utf-8")
-            self.writer = csv.DictWriter(self.file, fieldnames=list(row))
-            self.writer.writeheader()
+            earlier, fields = self._earlier_rows(step), list(row)
+
+            def start(tmp: str) -> None:  # atomically: a kill here leaves the old file whole
+                with open(tmp, "w", newline="", encoding="utf-8") as f:
+                    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                    writer.writeheader()
+                    writer.writerows(earlier)
+
+            atomic_write(self.path, start)
+            self.file = open(self.path, "a", newline="", encoding="utf-8")
+            self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
         self.writer.writerow(row)
         self.file.flush()
 

@@ -17,11 +17,12 @@ from reft_lab.evaluation.retention import RETENTION
 METRICS_FILE = "metrics.json"
 SCHEMA_VERSION = 2
 NUM = (int, float)
+STATUSES = ("ok", "failed", "diverged")  # diverged: trained, but its weights or loss blew up (README)
 
 # key: (accepted types, required non-null when status == "ok", meaning)
 SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "schema_version": ((int,), True, "version of this schema"),
-    "status": ((str,), True, '"ok" or "failed"'),
+    "status": ((str,), True, '"ok", "failed" or "diverged"'),
     "error": ((str, type(None)), False, "one-line error of a failed job"),
     "method": ((str,), True, "method name (loreft, lora, ...)"),
     "model": ((str,), True, "model.name_or_path"),
@@ -77,8 +78,8 @@ def validate(metrics: dict) -> list[str]:
         for metric in RETENTION:
             if metric.since <= version and set(retention.get(metric.name, {})) != {"before", "after"}:
                 problems.append(f"retention.{metric.name} needs before and after")
-    elif metrics.get("status") != "failed":
-        problems.append(f"status={metrics.get('status')!r} is not ok or failed")
+    elif metrics.get("status") not in STATUSES:
+        problems.append(f"status={metrics.get('status')!r} is not one of {', '.join(STATUSES)}")
     return problems
 
 

@@ -29,7 +29,7 @@ from reft_lab.metrics import SCHEMA, lookup, write_metrics
 from reft_lab.models import load_model
 from reft_lab.settings import RunSettings, config_fingerprint
 from reft_lab.tasks import load_task
-from reft_lab.training import seed_everything, train
+from reft_lab.training import Diverged, seed_everything, train
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -74,6 +74,8 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
                       dist_info=dist_info)
         if not dist_info.main:
             return None
+        if stats.diverged:
+            raise Diverged(stats)  # no evaluation, no adapter: nothing of this run is a result
         after = evaluate_tuned(tuned, suite, base_results)
         save_adapter(tuned, out / "adapter")
         params = param_report(tuned)
@@ -107,15 +109,21 @@ def _write_predictions(out: Path, task, before: list[str], after: list[str]) -> 
 
 
 def failed_metrics(cfg: DictConfig, out: Path, err: BaseException) -> dict:
+    """The metrics.json of a job that did not finish ok: ``failed`` with its error, or ``diverged``
+    with why and how far it trained."""
     def get(key):
         value = OmegaConf.select(cfg, key, default=None)
         return value if isinstance(value, (str, int)) else None
 
     message = f"{type(err).__name__}: {err}" if not isinstance(err, ReftLabError) else str(err)
     metrics = {key: None for key in SCHEMA if key != "schema_version"}
-    metrics.update({"status": "failed", "error": message.splitlines()[0] if message else type(err).__name__,
+    metrics.update({"status": "diverged" if isinstance(err, Diverged) else "failed",
+                    "error": message.splitlines()[0] if message else type(err).__name__,
                     "method": get("method.name"), "model": get("model.name_or_path"), "task": get("task.name"),
                     "seed": get("seed"), "output_dir": str(out), "versions": versions(),
                     "config": OmegaConf.to_container(cfg, resolve=False)})
+    if isinstance(err, Diverged):
+        metrics.update({"steps": err.stats.steps, "final_loss": err.stats.final_loss, "train_wall_s": err.stats.wall_s,
+                        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     write_metrics(out, metrics)
     return metrics

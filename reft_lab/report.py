@@ -14,10 +14,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from reft_lab.atomic import atomic_write, atomic_write_text
+from reft_lab.atomic import atomic_write, atomic_write_text, check_writable
 from reft_lab.errors import ReftLabError
 from reft_lab.evaluation.retention import RETENTION
-from reft_lab.metrics import METRICS_FILE, lookup, read_metrics
+from reft_lab.metrics import METRICS_FILE, STATUSES, lookup, read_metrics
 
 RUN_COLUMNS = ["method", "task", "model", "seed", "status", "trainable_params", "trainable_pct", "adapter_bytes",
                "task_metric", "task_before", "task_after", "task_gain"]
@@ -78,14 +78,43 @@ def gather(dirs: list[Path]) -> tuple[list[dict], list[str]]:
             raise ReftLabError(f"report: directory {root} does not exist")
         for path in sorted(root.rglob(METRICS_FILE)):
             try:
-                rows.append(read_metrics(path))
+                row = read_metrics(path)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 rows.append({"status": "failed", "error": f"unreadable {path}: {err}", "output_dir": str(path.parent)})
+                continue
+            problem = _unusable(row)
+            if problem:  # listed, not summarised: a half-written or foreign file must not skew a group
+                rows.append({"status": "failed", "error": f"invalid {path}: {problem}", "output_dir": str(path.parent)})
+            else:
+                rows.append(row)
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
             if not (job / METRICS_FILE).exists():
                 missing.append(str(job))
     return rows, missing
+
+
+GROUP_KEYS = {"method": str, "task": str, "model": str, "trainable_params": int, "trainable_pct": (int, float),
+              "adapter_bytes": int, "config": dict}
+
+
+def _unusable(row) -> str | None:
+    """Why the report cannot use this metrics.json (None when it can). Older schema versions lack
+    some keys and stay usable; an ok row needs what grouping and the table read."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if row.get("status") not in STATUSES:
+        return f"status={row.get('status')!r} is not one of {', '.join(STATUSES)}"
+    if row["status"] != "ok":
+        return None
+    for key, types in GROUP_KEYS.items():
+        if not isinstance(row.get(key), types) or isinstance(row.get(key), bool):
+            return f"missing or malformed key {key!r}"
+    for key, _ in summary():
+        value = lookup(row, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"{key}={value!r} is not a number"
+    return None
 
 
 def _group_key(row: dict) -> str:
@@ -172,7 +201,7 @@ def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed or missing:
         text += "\n## Failed or missing jobs\n\n"
-        text += "".join(f"- failed: {r.get('output_dir')}: {r.get('error')}\n" for r in failed)
+        text += "".join(f"- {r.get('status')}: {r.get('output_dir')}: {r.get('error')}\n" for r in failed)
         text += "".join(f"- missing (no metrics.json): {m}\n" for m in missing)
     return text
 
@@ -187,7 +216,8 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def pareto_plot(path: Path, groups: list[dict]) -> None:
+def pareto_plot(path: Path, groups: list[dict]) -> int:
+    """Task gain against knowledge retention, one point per group; returns how many were plotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +237,12 @@ def pareto_plot(path: Path, groups: list[dict]) -> None:
         right = x > 0.6  # keep labels inside the axes
         ax.annotate(f"{g['label']} ({g['trainable_params']:,} params)", (x, y), textcoords="offset points",
                     xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8)
+    plotted = [g for g in groups if g["stats"]["retention.knowledge_retention.after"][0] is not None
+               and g["stats"]["task_gain"][0] is not None]
+    if not plotted:
+        ax.text(0.5, 0.5, "no group has a knowledge-retention value:\nthe base answered no probe question correctly\n"
+                "(e.g. a tiny random model), so there is nothing to retain", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="dimgrey")
     for m in methods:
         ax.scatter([], [], color=colours[m], label=m)
     ax.set_xlim(-0.02, 1.05)
@@ -216,10 +252,12 @@ def pareto_plot(path: Path, groups: list[dict]) -> None:
     ax.set_ylabel("task gain (after − before)")
     ax.set_title("Task gain vs retention (marker size ∝ log trainable params)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    if plotted:
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+    return len(plotted)
 
 
 SWEEP_KEYS = ("rank", "layers", "positions", "alpha", "lr", "tied")
@@ -283,7 +321,7 @@ def print_table(groups: list[dict], rows: list[dict], missing: list[str]) -> Non
     console.print(table)
     for r in rows:
         if r.get("status") != "ok":
-            console.print(f"[red]failed[/red] {r.get('output_dir')}: {r.get('error')}")
+            console.print(f"[red]{r.get('status')}[/red] {r.get('output_dir')}: {r.get('error')}")
     for m in missing:
         console.print(f"[yellow]missing[/yellow] {m}: no metrics.json")
 
@@ -297,12 +335,16 @@ def report_main(args: list[str]) -> int:
     if not rows and not missing:
         raise ReftLabError(f"report: no {METRICS_FILE} under {', '.join(map(str, opts.dirs))}")
     out = opts.out or opts.dirs[0]
+    check_writable(out)
     groups = group(rows)
     atomic_write_text(out / "report.md", markdown(groups, rows, missing))
     write_csv(out / "report.csv", rows)
-    pareto_plot(out / "pareto.png", groups)
+    plotted = pareto_plot(out / "pareto.png", groups)
     extra = sweep_plots(out, groups)
     print_table(groups, rows, missing)
+    if groups and not plotted:
+        print("pareto.png has no points: no group has a knowledge-retention value (the base answered no probe "
+              "question correctly, e.g. a tiny random model)")
     print(f"wrote {', '.join(str(p) for p in [out / 'report.md', out / 'report.csv', out / 'pareto.png', *extra])}")
     failed = sum(r.get("status") != "ok" for r in rows) + len(missing)
     return 1 if failed else 0

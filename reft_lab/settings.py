@@ -39,12 +39,15 @@ class RunSettings:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RunSettings":
         known = {"model", "method", "task", "trainer", "logger", "retention", "seed", "optimized_metric", "skip_completed", "threads"}
-        unknown = sorted(set(cfg.keys()) - known - {"experiment", "hparams_search"})
+        unknown = sorted(set(cfg.keys()) - known - {"experiment", "hparams_search", "hydra"})
         if unknown:
             raise ConfigError(f"{unknown[0]} is not a known top-level key: allowed are {', '.join(sorted(known))}")
         seed = cfg.get("seed")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise config_error("seed", seed, "an integer")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise config_error("seed", seed, f"an integer in [0, {2**32 - 1}]")
+        check_threads(cfg.get("threads"))
+        if not isinstance(cfg.get("skip_completed", True), bool):
+            raise config_error("skip_completed", cfg.get("skip_completed"), "true or false")
         metric = cfg.get("optimized_metric")
         numeric = [k for k, (types, _, _) in SCHEMA.items() if float in types or int in types]
         if not isinstance(metric, str) or not (metric in numeric or metric.startswith("retention.")):
@@ -80,19 +83,33 @@ class RunSettings:
         if device.type != "meta":
             self.method.check_device(device, self.model.torch_dtype, getattr(config, "hidden_size", 0))
 
+    def result_config(self) -> dict:
+        """The settings a finished job's numbers depend on: what a skip compares."""
+        return {"run": run_config(self), "retention": asdict(self.retention)}
+
     @property
     def lr(self) -> float:
         """The peak learning rate: trainer.lr, else the method's default."""
         return self.trainer.lr if self.trainer.lr is not None else self.method.lr
 
 
-def config_fingerprint(settings: RunSettings) -> str:
-    """What a checkpoint must match to be resumed: not logging or checkpoint cadence, and not the
+def check_threads(threads) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise config_error("threads", threads, "null (cores ÷ jobs running at once) or an integer ≥ 1")
+
+
+def run_config(settings: RunSettings) -> dict:
+    """What training's numbers depend on: not logging or checkpoint cadence, and not the
     memory-for-compute switches that leave every number as it was (checkpointing, the act(gate)
     recompute, the cache's bound and spill)."""
     trainer = {k: v for k, v in asdict(settings.trainer).items()
                if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume",
                             "gradient_checkpointing", "recompute_mlp_act", "prefix_cache_gb", "prefix_cache_spill")}
-    payload = {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
-               "trainer": trainer, "seed": settings.seed}
+    return {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
+            "trainer": trainer, "seed": settings.seed}
+
+
+def config_fingerprint(settings: RunSettings) -> str:
+    """What a checkpoint must match to be resumed (``run_config``), hashed."""
+    payload = run_config(settings)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

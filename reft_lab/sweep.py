@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +23,9 @@ from reft_lab.config import compose, conf_dir
 from reft_lab.errors import ConfigError, ReftLabError
 from reft_lab.metrics import lookup
 from reft_lab.recipe import failed_metrics, run_job
-from reft_lab.settings import RunSettings
-from reft_lab.training import Interrupted
+from reft_lab.atomic import atomic_write_text, nearest_writable
+from reft_lab.settings import RunSettings, check_threads
+from reft_lab.training import Diverged, Interrupted
 
 
 class TrialFailed(ReftLabError):
@@ -86,6 +88,34 @@ def _job_key(cfg: DictConfig) -> str | None:
         return None
 
 
+def _differences(done: dict, settings: RunSettings) -> list[str]:
+    """How a finished job's recorded settings differ from ``settings`` (empty: the same run)."""
+    try:
+        before = RunSettings.from_cfg(OmegaConf.create(done.get("config") or {})).result_config()
+    except (ConfigError, ValueError) as err:
+        return [f"its recorded config does not validate here ({str(err).splitlines()[0]})"]
+    after = settings.result_config()
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: tree}
+
+    old, new = flat(before), flat(after)
+    keys = sorted(set(old) | set(new), key=lambda k: k.split(".", 1)[-1])
+    return [f"{k.split('.', 1)[1]}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)]
+
+
+def _record_config(cfg: DictConfig, out: Path) -> None:
+    """``.hydra/`` of a job that runs (Hydra's own saving is off: it would rewrite a finished job's
+    record before the job could decide to skip)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.instance().cfg
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", hydra_cfg), ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        atomic_write_text(out / ".hydra" / name, OmegaConf.to_yaml(node))
+
+
 def job(cfg: DictConfig) -> float:
     """One Hydra job; returns ``optimized_metric`` for sweepers (NaN for a failed job)."""
     from hydra.core.hydra_config import HydraConfig
@@ -95,25 +125,13 @@ def job(cfg: DictConfig) -> float:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     optuna_search = multirun and "optuna" in str(hc.sweeper.get("_target_", "")).lower()
-    torch.set_num_threads(threads_per_job(hc, cfg.get("threads")))
-    group = Path(hc.sweep.dir).name if multirun else "single"
-    done = _completed(out) if cfg.get("skip_completed", True) else None
-    if done is not None:
-        print(f"reft-lab train: {out} already has an ok metrics.json: skipped (skip_completed=false re-runs it)")
-        value = lookup(done, cfg.optimized_metric)
-        return float("nan" if value is None else value)
     main_process = int(os.environ.get("RANK", "0")) == 0
-    try:
-        _check_writable(out)
-        settings = _validated.pop(_job_key(cfg), None)
-        if settings is None:
-            settings = RunSettings.from_cfg(cfg)
-            settings.preflight()
-        metrics = run_job(settings, OmegaConf.to_container(cfg, resolve=True), out, group)
-    except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise below)
+
+    def give_up(err: BaseException, record: bool = True) -> float:
+        """Record a failure (unless the directory holds a finished job), then end the way this mode needs."""
         if not main_process:
-            raise
-        failed = failed_metrics(cfg, out, err) if out.is_dir() else {"error": str(err)}
+            raise err
+        failed = failed_metrics(cfg, out, err) if record and out.is_dir() else {"error": str(err).splitlines()[0]}
         _record_failure(f"{out}: {failed['error']}")
         print(f"reft-lab train: job failed: {out}: {failed['error']}", file=sys.stderr)
         if isinstance(err, Interrupted):
@@ -122,9 +140,43 @@ def job(cfg: DictConfig) -> float:
             raise TrialFailed(failed["error"]) from None  # the optuna sweeper records a FAIL trial
         if multirun:
             return float("nan")
+        if isinstance(err, Diverged):
+            raise SystemExit(1) from None
         if isinstance(err, ReftLabError):
             raise SystemExit(2) from None
-        raise
+        raise err
+
+    try:
+        check_threads(cfg.get("threads"))
+        torch.set_num_threads(threads_per_job(hc, cfg.get("threads")))
+        key = _job_key(cfg)
+        settings = _validated.pop(key, None) if key is not None else None
+        prevalidated = settings is not None
+        settings = settings or RunSettings.from_cfg(cfg)
+    except Exception as err:  # noqa: BLE001
+        return give_up(err)
+    done = _completed(out) if cfg.get("skip_completed", True) else None
+    if done is not None:
+        differs = _differences(done, settings)
+        if differs:  # the finished job's results and record stay as they are
+            return give_up(ConfigError(f"this directory holds a finished job with other settings ({'; '.join(differs[:3])}"
+                                       f"{'; …' if len(differs) > 3 else ''}): its results are kept; use another "
+                                       "hydra.run.dir / hydra.sweep.dir, or skip_completed=false to replace them"),
+                           record=False)
+        print(f"reft-lab train: {out} already has an ok metrics.json from these settings: skipped "
+              "(skip_completed=false re-runs it)")
+        value = lookup(done, cfg.optimized_metric)
+        return float("nan" if value is None else value)
+    try:
+        _check_writable(out)
+        if not prevalidated:
+            settings.preflight()
+        if main_process:
+            _record_config(cfg, out)
+        metrics = run_job(settings, OmegaConf.to_container(cfg, resolve=True), out,
+                          Path(hc.sweep.dir).name if multirun else "single")
+    except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise in give_up)
+        return give_up(err)
     if metrics is None:  # a non-main torchrun process: rank 0 reports
         return float("nan")
     value = float(lookup(metrics, cfg.optimized_metric))
@@ -133,16 +185,10 @@ def job(cfg: DictConfig) -> float:
     return value
 
 
-def resume_search(args: list[str]) -> list[str] | None:
+def resume_search(cfg: DictConfig, args: list[str]) -> list[str] | None:
     """For an optuna search with sqlite storage: create the storage's folder, and run only the
     trials the study still lacks (``hydra.sweeper.n_trials`` is the study's total). None when the
     study is already complete."""
-    if not any(a.startswith(("hparams_search=", "hydra/sweeper=")) for a in args):
-        return args
-    try:
-        cfg = compose([a for a in args if not a.startswith("-")], with_hydra=True)
-    except ConfigError:
-        return args  # Hydra reports the problem itself
     sweeper = cfg.hydra.sweeper
     storage = str(sweeper.get("storage") or "")
     if "optuna" not in str(sweeper.get("_target_", "")).lower() or not storage.startswith("sqlite:///"):
@@ -167,24 +213,70 @@ def resume_search(args: list[str]) -> list[str] | None:
     return [*args, f"hydra.sweeper.n_trials={remaining}", f"hydra.sweeper.sampler.seed={seed}"]
 
 
+def _first_value(override: str) -> str | None:
+    """``key=a,b`` → ``key=a``; a sweep function (``range(…)``, ``choice(…)``) → None (dropped)."""
+    key, sep, value = override.partition("=")
+    if not sep:
+        return override
+    if re.match(r"\s*(range|choice|interval|glob|tag|shuffle|sort)\(", value):
+        return None
+    depth, quote = 0, None
+    for i, ch in enumerate(value):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[({":
+            depth += 1
+        elif ch in "])}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            return f"{key}={value[:i]}"
+    return override
+
+
+def _dir_to_check(cfg: DictConfig, multirun: bool) -> tuple[str, str] | None:
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        return key, str(OmegaConf.select(cfg, key, throw_on_resolution_failure=True))
+    except Exception:  # noqa: BLE001  (an interpolation only Hydra's run resolves: Hydra checks it then)
+        return None
+
+
 def run(args: list[str]) -> int:
-    """Run ``reft-lab train`` with Hydra; 0 when every job succeeded, else non-zero."""
+    """Run ``reft-lab train`` with Hydra; 0 when every job succeeded, else non-zero. Before Hydra
+    starts: the output directory must be writable, a single run must validate and preflight (one
+    line per mistake), and an optuna study resumes from its storage."""
     import hydra
 
     from reft_lab.conf_store import register
 
     register()
-    args = resume_search(args)
-    if args is None:
-        return 0
-    if not {"-m", "--multirun"} & set(args):
-        # a single run is validated before Hydra makes its output directory: one line per mistake
-        cfg = compose([a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))])
-        settings = RunSettings.from_cfg(cfg)
-        settings.preflight()
-        key = _job_key(cfg)
-        if key is not None:
-            _validated[key] = settings
+    explicit_sweep = bool({"-m", "--multirun"} & set(args))
+    overrides = [a for a in args if not a.startswith("-")]
+    if explicit_sweep:  # sweep values (a,b / range(...)) do not compose: check the first job's config
+        overrides = [o for o in map(_first_value, overrides) if o is not None]
+    try:
+        cfg = compose(overrides, with_hydra=True)
+    except ConfigError:
+        if not explicit_sweep:
+            raise
+        cfg = None  # Hydra reports what it cannot parse
+    if cfg is not None:
+        multirun = explicit_sweep or "MULTIRUN" in str(OmegaConf.select(cfg, "hydra.mode", default=""))
+        where = _dir_to_check(cfg, multirun)
+        if where is not None:
+            nearest_writable(where[1], where[0])
+        if not explicit_sweep:  # a single run, or a search preset: its base config must be sound
+            settings = RunSettings.from_cfg(cfg)
+            settings.preflight()
+            key = _job_key(cfg)
+            if key is not None and not multirun:
+                _validated[key] = settings
+        if multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).lower():
+            args = resume_search(cfg, args)
+            if args is None:
+                return 0
     failure_log = tempfile.NamedTemporaryFile(prefix="reft_lab_failures_", suffix=".log", delete=False)
     failure_log.close()
     os.environ[FAILURE_LOG_ENV] = failure_log.name

@@ -26,8 +26,14 @@ def _metrics(root: Path) -> list[dict]:
 def test_two_job_multirun_and_report(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     assert main(["train", "-m", "method=loreft,lora", f"hydra.sweep.dir={sweep}", "logger=csv", *SMALL]) == 0
-    jobs = _metrics(sweep)
-    assert [m["method"] for m in jobs] == ["loreft", "lora"]
+    jobs = sorted(_metrics(sweep), key=lambda m: m["method"])
+    assert [m["method"] for m in jobs] == ["lora", "loreft"]
+    from reft_lab.config import job_dirname
+
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == sorted(  # named by the jobs' overrides
+        job_dirname(f"logger=csv,method={m},model=tiny,retention.kl_prompts=2,retention.kl_tokens=4,retention.knowledge_probe=4,"
+                    f"retention.leakage_prompts=2,task.test_size=4,trainer=smoke") for m in ("loreft", "lora"))
+    assert job_dirname("method=lora,seed=1") == "method=lora,seed=1" and job_dirname("task.path=/a/b.jsonl") == "task.path=_a_b.jsonl"
     for m in jobs:
         assert validate(m) == [], validate(m)
         assert m["status"] == "ok" and m["steps"] == 3 and m["final_loss"] > 0

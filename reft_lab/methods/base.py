@@ -18,8 +18,8 @@ class MethodConfig:
     lr: float  # per-method default learning rate (the trainer uses it unless trainer.lr is set)
 
     def __post_init__(self):
-        if not (isinstance(self.lr, (int, float)) and self.lr >= 0):
-            raise config_error("method.lr", self.lr, "a number ≥ 0")
+        if not (isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and self.lr > 0):
+            raise config_error("method.lr", self.lr, "a number > 0 (a run at rate 0 learns nothing)")
 
     def check_device(self, device: torch.device, dtype: torch.dtype, hidden: int) -> None:
         """Raise a ConfigError when the method cannot run on a model of this device, parameter

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from reft_lab.errors import config_error
 from reft_lab.methods.base import MethodConfig, TunedModel
 
 
@@ -13,6 +14,10 @@ class NoneConfig(MethodConfig):
 
     name: str = "none"
     lr: float = 0.0  # nothing to train
+
+    def __post_init__(self):
+        if self.lr != 0:
+            raise config_error("method.lr", self.lr, "0: method=none trains nothing")
 
 
 def attach_none(model, config: NoneConfig) -> TunedModel:

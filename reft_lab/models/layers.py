@@ -18,6 +18,17 @@ def hidden_size(model: nn.Module) -> int:
     return int(_text_config(model).hidden_size)
 
 
+def context_length(config) -> int | None:
+    """The longest sequence the model takes (its position table), from a model or its config; None when unstated."""
+    config = getattr(config, "config", config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The list of decoder blocks: the shallowest nn.ModuleList of ``num_hidden_layers`` blocks of
     one class. Their outputs are the residual stream ReFT edits."""

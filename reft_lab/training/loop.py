@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import statistics
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from reft_lab.checkpoint import (
 from reft_lab.data.batching import EncodedExample
 from reft_lab.errors import ReftLabError
 from reft_lab.methods import TunedModel
-from reft_lab.training import loss as losses
+from reft_lab.training import loss as training_loss
 from reft_lab.training.config import TrainerConfig
 from reft_lab.training.speedups import hot_path, prefix_cache
 from reft_lab.training.stream import BatchStream
@@ -64,6 +65,32 @@ def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, warmup_rat
     return torch.optim.lr_scheduler.LambdaLR(optimizer, scale)
 
 
+DIVERGENCE_NATS = 1.0  # the loss's end may exceed its start by this much, or by half the start, before a run counts as diverged
+
+
+def loss_window(steps: int) -> int:
+    """Steps averaged (as a median) at each end of the loss curve: a fifth of the run, 1 to 10."""
+    return max(1, min(10, steps // 5))
+
+
+def divergence(losses: list[float], params: list[torch.Tensor]) -> str | None:
+    """Why a finished run counts as diverged, or None: a trainable tensor that is not finite, or a
+    loss whose median over the last ``loss_window`` steps ends above the median over the first by
+    more than max(DIVERGENCE_NATS, half the start). Medians over a window keep a short run's noise
+    from deciding; a run that learns slowly or not at all is not diverged, only one that got worse."""
+    bad = sum(not bool(torch.isfinite(p).all()) for p in params)
+    if bad:
+        return f"{bad} trainable tensor(s) hold NaN or infinite values after training"
+    if len(losses) < 2:
+        return None
+    k = loss_window(len(losses))
+    start, end = statistics.median(losses[:k]), statistics.median(losses[-k:])
+    if end > start + max(DIVERGENCE_NATS, 0.5 * start):
+        return (f"the loss rose from {start:.4g} (median of the first {k} steps) to {end:.4g} (median of the last {k}): "
+                "lower trainer.lr or set trainer.max_grad_norm")
+    return None
+
+
 @dataclass
 class TrainStats:
     steps: int = 0
@@ -71,6 +98,7 @@ class TrainStats:
     wall_s: float = 0.0
     tokens_per_s: float | None = None  # steady state: after this process's first step
     first_step_s: float | None = None  # this process's first step, with its Triton JIT / compile warm-up
+    diverged: str | None = None  # ``divergence``'s reason, None for a sound run
 
 
 class Interrupted(ReftLabError):
@@ -80,6 +108,14 @@ class Interrupted(ReftLabError):
         self.signum = signum
         super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint saved; "
                          "re-run the same job directory to resume")
+
+
+class Diverged(ReftLabError):
+    """Training finished, but its weights or loss blew up: the job records ``status: "diverged"``."""
+
+    def __init__(self, stats: "TrainStats"):
+        self.stats = stats
+        super().__init__(f"diverged after {stats.steps} steps: {stats.diverged}")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)  # USR2: SLURM's pre-timeout/preemption signal
@@ -121,6 +157,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
     if latest is not None:
         progress = load_checkpoint(latest, tuned, optimizer, scheduler, run_id)
         print(f"reft-lab: resuming from {latest} (step {progress.step})")
+    saved_step = progress.step  # the newest checkpoint on disk: the one resumed, then each one written
     stream = BatchStream(data, t.batch_size, pad_id, seed, progress.epoch, progress.offset,
                          dist_info.rank, dist_info.world, t.group_by_length)
     model = distributed.wrap(tuned, dist_info)
@@ -128,9 +165,11 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
 
     def checkpoint() -> None:
+        nonlocal saved_step
         if job_dir is not None and dist_info.main:
             progress.epoch, progress.offset = stream.epoch, stream.offset
             save_checkpoint(job_dir, tuned, optimizer, scheduler, progress, run_id, t.keep_checkpoints)
+            saved_step = progress.step
 
     if t.gradient_checkpointing:
         # non-reentrant: correct with a frozen base (no input requires grad) and with the edit hooks
@@ -147,7 +186,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
             for _ in range(t.grad_accum):
                 batch = next(stream).to(device)
                 with autocast, cache.around_batch(batch) if cache else nullcontext():
-                    loss = losses.response_loss(model, batch) / t.grad_accum
+                    loss = training_loss.response_loss(model, batch) / t.grad_accum
                 loss.backward()
                 step_loss += loss.item()
                 step_tokens += batch.n_tokens
@@ -157,12 +196,13 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
                 what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
-                kept = f"the last good checkpoint is step {progress.step}" if progress.step and job_dir else "no checkpoint was written"
+                kept = f"the last good checkpoint is step {saved_step}" if saved_step else "no checkpoint was written"
                 raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step, progress.last_loss = step + 1, step_loss
+            progress.losses.append(step_loss)
             now = time.perf_counter()
             if warm is None:
                 first_step_s = now - start - progress.elapsed_s
@@ -185,4 +225,5 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
     tuned.eval()
     if cache is not None and dist_info.main:
         print(f"reft-lab: {cache.summary()}")
-    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, tokens_per_s, first_step_s)
+    return TrainStats(progress.step, progress.last_loss, progress.elapsed_s, tokens_per_s, first_step_s,
+                      divergence(progress.losses, params))
