@@ -30,12 +30,19 @@ from reft_lab.models import load_model
 from reft_lab.settings import RunSettings, config_fingerprint
 from reft_lab.tasks import load_task
 from reft_lab.training import Diverged, seed_everything, train
+from reft_lab.training.budget import check_step_fits, max_length
 
 
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def train_dtype(settings: RunSettings, model: torch.nn.Module) -> torch.dtype:
+    """The dtype activations are held in: bf16 under CUDA autocast, else the model's."""
+    param = next(model.parameters())
+    return torch.bfloat16 if param.device.type == "cuda" and settings.trainer.bf16 else param.dtype
 
 
 def versions() -> dict:
@@ -57,7 +64,11 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     if loaded.on_meta:
         raise config_error("model.name_or_path", settings.model.name_or_path, "a model with weights: this one loads on the meta device (accounting only, see `reft-lab params`)")
     encoder = PromptEncoder(loaded.tokenizer, settings.model.chat_template)
-    suite = Suite(task, encoder, settings.retention)
+    limit = max_length(loaded.model, settings.task.max_length)
+    data = encode_examples(encoder, task.train, limit, settings.task.overlong)
+    suite = Suite(task, encoder, settings.retention, limit, settings.task.overlong)
+    check_step_fits(loaded.model, data, [e.source for e in task.train], settings.trainer.batch_size,
+                    settings.trainer.gradient_checkpointing, train_dtype(settings, loaded.model))
     fingerprint_before = fingerprint(loaded.model)
     if dist_info.main:
         base = TunedModel(loaded.model, NoneConfig())
@@ -69,7 +80,7 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     tags = [settings.method.name, task.name, f"seed{settings.seed}"]
     logger = make_logger(settings.logger, out, name, group, tags, config) if dist_info.main else NullLogger()
     try:
-        stats = train(tuned, encode_examples(encoder, task.train), settings.trainer, lr=settings.lr, seed=settings.seed,
+        stats = train(tuned, data, settings.trainer, lr=settings.lr, seed=settings.seed,
                       pad_id=encoder.pad_id, logger=logger, job_dir=out, run_id=config_fingerprint(settings),
                       dist_info=dist_info)
         if not dist_info.main:

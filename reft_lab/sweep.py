@@ -253,6 +253,7 @@ def run(args: list[str]) -> int:
 
     register()
     explicit_sweep = bool({"-m", "--multirun"} & set(args))
+    search = False
     overrides = [a for a in args if not a.startswith("-")]
     if explicit_sweep:  # sweep values (a,b / range(...)) do not compose: check the first job's config
         overrides = [o for o in map(_first_value, overrides) if o is not None]
@@ -273,7 +274,8 @@ def run(args: list[str]) -> int:
             key = _job_key(cfg)
             if key is not None and not multirun:
                 _validated[key] = settings
-        if multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).lower():
+        search = multirun and "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_", default="")).lower()
+        if search:
             args = resume_search(cfg, args)
             if args is None:
                 return 0
@@ -282,18 +284,27 @@ def run(args: list[str]) -> int:
     os.environ[FAILURE_LOG_ENV] = failure_log.name
     main = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(job)
     argv, sys.argv = sys.argv, ["reft-lab train", *args]
+    code = 0
+    if search:  # let the search's own errors reach us instead of Hydra's traceback printer
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         main()
     except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            return exit_.code if isinstance(exit_.code, int) else 1
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except ValueError as err:
+        if not (search and "Record does not exist" in str(err)):
+            raise
+        print("reft-lab train: error: every trial of this search failed, so it has no best trial; the study keeps "
+              "them as FAIL (their errors follow)", file=sys.stderr)
+        code = 1
     finally:
+        if search:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
         sys.argv = argv
         _validated.clear()
         failures = [line for line in Path(failure_log.name).read_text(encoding="utf-8").splitlines() if line]
         os.environ.pop(FAILURE_LOG_ENV, None)
         os.unlink(failure_log.name)
-    if failures:
+    if failures and code != 2:  # exit 2: one job's bad input, already printed as one line
         print(f"reft-lab train: {len(failures)} job(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
-        return 1
-    return 0
+    return code or (1 if failures else 0)

@@ -46,21 +46,29 @@ def _comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in drop}
 
 
+def _log_rows(run: Path) -> list[list[str]]:
+    """train_log.csv without its throughput column (timing differs between runs)."""
+    return [row.split(",")[:4] for row in (run / "train_log.csv").read_text().splitlines()]
+
+
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     reference = tmp_path / "reference"
-    subprocess.run(_train_cmd(reference, LONG), check=True, env=_env(), capture_output=True, timeout=600)
+    subprocess.run(_train_cmd(reference, [*LONG, "logger=csv"]), check=True, env=_env(), capture_output=True, timeout=600)
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(run, LONG), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_train_cmd(run, [*LONG, "logger=csv"]), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     kill_after = random.Random().randrange(10, 120)
     _wait_for_checkpoint(proc, run, kill_after)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (run / "metrics.json").exists(), "the job finished before it was killed"
 
-    resumed = subprocess.run(_train_cmd(run, LONG), env=_env(), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_train_cmd(run, [*LONG, "logger=csv"]), env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout
+    # the step log keeps every step once: those before the checkpoint, then the re-run ones
+    assert len(_log_rows(run)) == 151 and _log_rows(run) == _log_rows(reference)
     assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (reference / "adapter" / "adapter_model.safetensors").read_bytes()
     assert _comparable(read_metrics(run / "metrics.json")) == _comparable(read_metrics(reference / "metrics.json"))
@@ -103,6 +111,11 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert main(["train", f"hydra.run.dir={run}", *SMALL, "trainer.max_steps=8", "trainer.checkpoint_every=2"]) == 2
     err = capsys.readouterr().err
     assert "loss is nan at step 5" in err and "last good checkpoint is step 4" in err
+    calls["n"] = 0  # again, with checkpoints on signals only: none was written, and the message says so
+    assert main(["train", f"hydra.run.dir={tmp_path / 'nan_uncheckpointed'}", *SMALL, "trainer.max_steps=8",
+                 "trainer.checkpoint_every=0"]) == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at step 5" in err and "no checkpoint was written" in err and "last good" not in err
     metrics = read_metrics(run / "metrics.json")
     assert metrics["status"] == "failed" and "step 5" in metrics["error"]
     assert latest_checkpoint(run).name == "step_00000004"
@@ -231,3 +244,180 @@ def test_every_problem_reported_at_once(capsys):
     assert main(["train", *SMALL, "method.rank=0", "trainer.max_steps=0", "model.dtype=float8"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and {l.split("error: ")[1].split("=")[0] for l in lines} == {"model.dtype", "method.rank", "trainer.max_steps"}
+
+
+# --- round two: stale results, bounded inputs, runs that learned nothing, records ---------------
+
+
+def test_a_finished_job_with_other_settings_is_refused_and_kept(tmp_path, capsys):
+    run = tmp_path / "job"
+    assert main(["train", f"hydra.run.dir={run}", *SMALL, "method.rank=2"]) == 0
+    metrics, record = (run / "metrics.json").read_text(), (run / ".hydra" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", f"hydra.run.dir={run}", *SMALL, "method.rank=4"]) == 2
+    err = capsys.readouterr().err
+    assert "finished job with other settings (method.rank: 2 then, 4 now)" in err and len(err.strip().splitlines()) <= 2
+    assert (run / "metrics.json").read_text() == metrics and (run / ".hydra" / "config.yaml").read_text() == record
+    assert main(["train", f"hydra.run.dir={run}", *SMALL, "method.rank=2", "trainer.log_every=2"]) == 0  # same numbers
+    assert "skipped" in capsys.readouterr().out and (run / ".hydra" / "config.yaml").read_text() == record
+
+
+def test_a_sweep_with_new_values_runs_them_and_skips_only_the_same_ones(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    base = ["train", "-m", "method=lora", f"hydra.sweep.dir={sweep}", *SMALL]
+    assert main([*base, "method.rank=1,4"]) == 0
+    capsys.readouterr()
+    assert main([*base, "method.rank=2,4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 1  # rank 4 only; rank 2 is new and runs
+    ranks = sorted(read_metrics(p)["config"]["method"]["rank"] for p in sweep.rglob("metrics.json"))
+    assert ranks == [1, 2, 4]
+
+
+def test_an_overlong_example_is_refused_with_its_line_or_truncated(tmp_path, capsys):
+    rows = [{"prompt": f"question {i}", "response": f"answer {i}"} for i in range(12)]
+    rows[7]["prompt"] = "x" * 2000  # the tiny model's context is 512 (byte tokens)
+    data, test = tmp_path / "long.jsonl", tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps({"prompt": f"other {i}", "response": f"r {i}"}) + "\n" for i in range(4)))
+    args = ["train", *SMALL, "task=jsonl", f"task.path={data}", f"task.test_path={test}"]
+    assert main([*args, f"hydra.run.dir={tmp_path / 'refused'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{data}:8: prompt" in err and "task.max_length=512" in err and "Traceback" not in err
+    assert main([*args, f"hydra.run.dir={tmp_path / 'cut'}", "task.overlong=truncate"]) == 0
+    assert main([*args, f"hydra.run.dir={tmp_path / 'over'}", "task.max_length=600"]) == 2
+    assert "task.max_length=600 is not allowed: null or an integer ≤ 512" in capsys.readouterr().err
+
+
+def test_a_step_that_cannot_fit_in_memory_fails_before_training(tmp_path, capsys, monkeypatch):
+    import reft_lab.training.budget as budget
+
+    monkeypatch.setattr(budget, "free_bytes", lambda device: 2**20)
+    run = tmp_path / "big"
+    assert main(["train", f"hydra.run.dir={run}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "one training step would need about" in err and "GiB are free: lower trainer.batch_size" in err
+    assert read_metrics(run / "metrics.json")["status"] == "failed" and not (run / "checkpoints").exists()
+
+
+def test_a_run_whose_loss_rises_is_diverged_not_ok(tmp_path, monkeypatch, capsys):
+    import reft_lab.training.loss as loss_module
+
+    real, calls = loss_module.response_loss, {"n": 0}
+
+    def rising(tuned, batch):
+        calls["n"] += 1
+        return real(tuned, batch) * calls["n"]  # ends 10× where it started
+
+    monkeypatch.setattr(loss_module, "response_loss", rising)
+    run = tmp_path / "up"
+    assert main(["train", f"hydra.run.dir={run}", *SMALL, "trainer.max_steps=10"]) == 1
+    metrics = read_metrics(run / "metrics.json")
+    assert metrics["status"] == "diverged" and "the loss rose from" in metrics["error"] and metrics["steps"] == 10
+    assert not (run / "adapter").exists()
+    assert main(["report", str(run)]) == 1
+    assert "diverged" in (run / "report.md").read_text()
+
+
+def test_divergence_rule():
+    import torch
+
+    from reft_lab.training.loop import divergence
+
+    flat = [5.6, 5.5, 5.7, 5.6, 5.5, 5.6, 5.7, 5.5, 5.6, 5.6]
+    assert divergence(flat, [torch.ones(2)]) is None
+    assert divergence([2.0, 1.5, 1.2, 1.0, 0.9], [torch.ones(2)]) is None
+    assert divergence([2.5] * 5 + [10.8] * 5, [torch.ones(2)]).startswith("the loss rose from 2.5")
+    assert divergence([2.0, 9.0, 2.0], [torch.ones(2)]) is None  # one spike in a short run: medians of 1 at each end
+    assert "NaN or infinite" in divergence(flat, [torch.tensor([1.0, float("nan")])])
+
+
+BAD_ROUND_TWO = [
+    (["seed=-1"], "seed=-1 is not allowed"),
+    (["threads=-1"], "threads=-1 is not allowed"),
+    (["method.lr=0"], "method.lr=0 is not allowed"),
+    (["method=lora", "method.lr=0"], "method.lr=0 is not allowed"),
+    (["task.overlong=cut"], "task.overlong"),
+    (["hydra.run.dir=/proc/reft_lab_run"], "hydra.run.dir=/proc/reft_lab_run: cannot write there"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_ROUND_TWO, ids=[" ".join(a) for a, _ in BAD_ROUND_TWO])
+def test_bad_input_round_two(tmp_path, capsys, args, needle):
+    assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_output_dir_under_a_file_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", f"hydra.run.dir={blocker / 'run'}", *SMALL]) == 2
+    assert main(["train", "-m", f"hydra.sweep.dir={blocker / 'sweep'}", "method=loreft,lora", *SMALL]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("cannot write there" in line and "is not a directory" in line for line in err)
+
+
+def test_generate_and_report_refuse_bad_arguments_in_one_line(tmp_path, capsys, saved_adapter):
+    adapter = str(saved_adapter)
+    cases = [
+        (["generate", "--adapter", adapter, "--max-new-tokens", "0", "hi"], "--max-new-tokens=0 is not allowed"),
+        (["generate", "--adapter", adapter, "--batch-size", "0", "hi"], "--batch-size=0 is not allowed"),
+        (["generate", "--adapter", adapter, ""], "prompt 1 is empty"),
+        (["generate", "--adapter", adapter, "--max-new-tokens", "500", "x" * 100], "exceeds the model's context of 512"),
+        (["report", str(saved_adapter.parent), "--out", "/proc/reft_lab_report"], "--out=/proc/reft_lab_report: cannot write"),
+    ]
+    for args, needle in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_report_lists_a_malformed_metrics_file_instead_of_crashing(tmp_path, capsys, saved_adapter):
+    import shutil
+
+    root = tmp_path / "runs"
+    shutil.copytree(saved_adapter.parent, root / "good")
+    (root / "bad").mkdir()
+    (root / "bad" / "metrics.json").write_text(json.dumps({"status": "ok", "method": "loreft"}))
+    assert main(["report", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "invalid" in out and "missing or malformed key 'task'" in out
+    assert "pareto.png has no points" in out  # a tiny model knows no probe answer: nothing to retain
+    assert "loreft" in (root / "report.md").read_text()
+
+
+def test_help_texts(capsys):
+    assert main(["params", "--help"]) == 0
+    assert "usage: reft-lab params" in capsys.readouterr().out
+    said = {"generate": ["tokens generated per answer", "prompts generated at once", "the prompts, each one argument"],
+            "bench": ["the training steps to time", "untimed steps per provider", "timed steps per provider",
+                      "peak training memory", "record and the CSV table"]}
+    for command, phrases in said.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert all(phrase in out for phrase in phrases), (command, out)
+
+
+def test_beam_search_and_several_sequences_are_edited(tiny):
+    """generate repeats each prompt once per beam / returned sequence: every copy gets the edit, so
+    the beams are the edited model's top tokens, not the base's."""
+    import torch
+
+    from reft_lab.methods import attach
+
+    loaded = tiny()
+    tuned = attach(loaded.model, {"name": "direft", "layers": [1, 2, 3], "rank": 4})
+    with torch.no_grad():
+        for p in tuned.interventions.parameters():
+            p.mul_(30)  # an edit large enough to change the next token
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 9, 8, 7, 6]])
+    mask = torch.ones_like(ids)
+    k = 3
+    beams = tuned.generate(ids, attention_mask=mask, max_new_tokens=1, num_beams=k, num_return_sequences=k,
+                           do_sample=False, pad_token_id=0)[:, -1].reshape(2, k)
+    edited_top = tuned(ids, attention_mask=mask).logits[:, -1].topk(k).indices
+    base_top = loaded.model(input_ids=ids, attention_mask=mask).logits[:, -1].topk(k).indices  # hooks skip: no positions set
+    assert all(set(b.tolist()) == set(e.tolist()) for b, e in zip(beams, edited_top))
+    assert any(set(b.tolist()) != set(e.tolist()) for b, e in zip(beams, base_top))

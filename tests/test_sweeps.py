@@ -70,7 +70,7 @@ def test_optuna_search_resumes_from_sqlite(tmp_path, monkeypatch, capsys):
     assert len(list(study_dir.glob("trial_*/metrics.json"))) == 3  # three distinct parameter sets
 
 
-def test_failed_search_trial_counts_as_failure(tmp_path, monkeypatch):
+def test_failed_search_trial_counts_as_failure(tmp_path, monkeypatch, capsys):
     """A trial whose job fails returns NaN, which optuna records as FAIL, not as a result."""
     monkeypatch.chdir(tmp_path)
     code = main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=1", *SMALL, "task=jsonl",
@@ -79,14 +79,30 @@ def test_failed_search_trial_counts_as_failure(tmp_path, monkeypatch):
     few = tmp_path / "few.jsonl"
     few.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(4)))
     # the test split equals the training split: refused inside the job, so the trial fails
+    capsys.readouterr()
     code = main(["train", "hparams_search=loreft_optuna", "hydra.sweeper.n_trials=1", *SMALL, "task=jsonl",
                  f"task.path={few}", f"task.test_path={few}"])
     assert code == 1
+    err = capsys.readouterr().err
+    assert "every trial of this search failed" in err and "Traceback" not in err and "Record does not exist" not in err
     import optuna
 
     study_dir = next((tmp_path / "multirun" / "search").iterdir())
     study = optuna.load_study(study_name=study_dir.name, storage=f"sqlite:///{study_dir / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL]
+
+
+def test_optuna_study_lives_in_the_sweep_dir_wherever_the_command_runs(tmp_path, monkeypatch, capsys):
+    sweep = tmp_path / "search"
+    args = ["train", "hparams_search=loreft_optuna", f"hydra.sweep.dir={sweep}", *SMALL]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    assert main([*args, "hydra.sweeper.n_trials=1"]) == 0
+    assert (sweep / "optuna.db").exists() and not any((tmp_path / "a").iterdir())
+    monkeypatch.chdir(tmp_path / "b")  # resumed from elsewhere: the same study
+    assert main([*args, "hydra.sweeper.n_trials=2"]) == 0
+    assert "1 trials finished, 1 to go" in capsys.readouterr().out
 
 
 def test_rerunning_a_sweep_skips_ok_jobs_and_retries_failed_ones(tmp_path, capsys):

@@ -48,8 +48,31 @@ class EncodedExample:
     response: list[int]
 
 
-def encode_examples(encoder: PromptEncoder, examples: list[Example]) -> list[EncodedExample]:
-    return [EncodedExample(encoder.prompt_ids(e.prompt), encoder.response_ids(e.response)) for e in examples]
+def encode_examples(encoder: PromptEncoder, examples: list[Example], max_length: int | None = None,
+                    overlong: str = "refuse") -> list[EncodedExample]:
+    """Prompt and response ids of each example, each at most ``max_length`` tokens together:
+    over it, ``overlong="truncate"`` drops prompt tokens from the left; "refuse" (or a response
+    that alone does not fit) raises one line naming the example's file and line."""
+    encoded = []
+    for e in examples:
+        prompt, response = encoder.prompt_ids(e.prompt), encoder.response_ids(e.response)
+        encoded.append(EncodedExample(fit_prompt(prompt, len(response), max_length, overlong, e.source, "response"), response))
+    return encoded
+
+
+def fit_prompt(prompt: list[int], reserved: int, max_length: int | None, overlong: str, source: str,
+               reserved_for: str = "max_new_tokens") -> list[int]:
+    """``prompt`` with room for ``reserved`` more tokens within ``max_length`` (see ``encode_examples``)."""
+    if max_length is None or len(prompt) + reserved <= max_length:
+        return prompt
+    where = source or "an example"
+    if overlong == "truncate" and reserved < max_length:
+        return prompt[len(prompt) + reserved - max_length:]
+    from reft_lab.errors import ConfigError
+
+    raise ConfigError(f"{where}: prompt {len(prompt)} + {reserved_for} {reserved} tokens exceed task.max_length={max_length} "
+                      "(null: the model's context): shorten it, raise task.max_length"
+                      + (", or set task.overlong=truncate" if reserved < max_length else ""))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

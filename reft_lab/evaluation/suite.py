@@ -16,7 +16,7 @@ import torch
 
 from reft_lab.atomic import atomic_write_json
 from reft_lab.data import read_retention
-from reft_lab.data.batching import PromptEncoder
+from reft_lab.data.batching import PromptEncoder, fit_prompt
 from reft_lab.evaluation.generation import generate
 from reft_lab.evaluation.retention import PROBES, RETENTION
 from reft_lab.methods import TunedModel
@@ -61,9 +61,11 @@ class BaseResults:
 class Suite:
     """Prompts encoded once per job."""
 
-    def __init__(self, task: Task, encoder: PromptEncoder, cfg: EvalConfig):
+    def __init__(self, task: Task, encoder: PromptEncoder, cfg: EvalConfig, max_length: int | None = None,
+                 overlong: str = "refuse"):
         self.task, self.encoder, self.cfg = task, encoder, cfg
-        self.task_prompts = [encoder.prompt_ids(e.prompt) for e in task.test]
+        self.task_prompts = [fit_prompt(encoder.prompt_ids(e.prompt), task.max_new_tokens, max_length, overlong, e.source)
+                             for e in task.test]
         self.probe = read_retention("knowledge_probe")[: cfg.knowledge_probe]
         self.probe_prompts = [encoder.prompt_ids(q["question"]) for q in self.probe]
         # knowledge choice: the accepted answer first, then its distractors, after each question

@@ -132,6 +132,7 @@ class ReftModel(TunedModel):
         # adapter id of each row of the current batch
         self.bank: nn.ModuleDict | None = None
         self._adapter_ids: torch.Tensor | None = None
+        self._expanded: tuple[int, Positions, torch.Tensor | None] | None = None  # positions repeated for beams
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
         self._hooks = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
@@ -144,12 +145,10 @@ class ReftModel(TunedModel):
         routes = [(intervention_key(layer, g), cols) for g, cols in self.groups.items()]
 
         def edit_output(module, args, output):
-            positions = self._active
-            if positions is None or (self._prompt_only and self._forward_calls > 1):
+            if self._active is None or (self._prompt_only and self._forward_calls > 1):
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[0] != positions.index.shape[0]:
-                return output  # not the batch these positions were built for
+            positions, adapter_ids = self._rows_of(hidden.shape[0])
             fused = self._fused(hidden)
             if fused or self.bank is not None:  # the factor form Bᵀ(Ah + b); a bank: each row its own adapter
                 if fused:
@@ -159,13 +158,30 @@ class ReftModel(TunedModel):
                 source = self.bank if self.bank is not None else self.interventions
                 for key, cols in routes:
                     hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *source[key].factors(),
-                                  self._adapter_ids)
+                                  adapter_ids)
             else:
                 hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
                     [self.interventions[key].edit(rows[:, cols]) for key, cols in routes], 1))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
+
+    def _rows_of(self, rows: int) -> tuple[Positions, torch.Tensor | None]:
+        """The positions (and adapter ids) for a layer output of ``rows`` rows. ``generate`` with
+        beams or several sequences per prompt runs k copies of each prompt, repeated in place
+        (row i → rows i·k … i·k + k − 1): each copy gets its prompt's positions, so every beam
+        and every returned sequence is edited."""
+        positions, batch = self._active, self._active.index.shape[0]
+        if rows == batch:
+            return positions, self._adapter_ids
+        if rows % batch:
+            raise ConfigError(f"a decoder layer received {rows} rows for a batch of {batch} prompts: "
+                              "reft_lab edits each row at its prompt's positions and cannot tell which prompt these are")
+        if self._expanded is None or self._expanded[0] != rows:
+            k = rows // batch
+            ids = None if self._adapter_ids is None else self._adapter_ids.repeat_interleave(k)
+            self._expanded = (rows, Positions(positions.index.repeat_interleave(k, 0), positions.valid.repeat_interleave(k, 0)), ids)
+        return self._expanded[1], self._expanded[2]
 
     def _fused(self, hidden: torch.Tensor) -> bool:
         """The fused kernel for this call? triton: always (checked at attach); auto: on CUDA where
@@ -216,6 +232,7 @@ class ReftModel(TunedModel):
             attention_mask = torch.ones_like(input_ids)
         self._active = prompt_positions(self.config.spec, attention_mask, prompt_lengths)
         self._adapter_ids = self._check_adapter_ids(adapter_ids, input_ids.shape[0])
+        self._expanded = None
         self._prompt_only, self._forward_calls = prompt_only, 0
         try:
             yield attention_mask

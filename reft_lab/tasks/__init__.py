@@ -22,6 +22,8 @@ class TaskConfig:
     train_size: int | None = None  # null = the whole train split; fewer = faster epochs, less coverage
     test_size: int | None = None  # null = the whole test split; held-out examples scored before and after
     max_new_tokens: int = 32  # generation budget per test answer
+    max_length: int | None = None  # tokens of prompt + response (test: prompt + max_new_tokens); null = the model's context
+    overlong: str = "refuse"  # an example over max_length: refuse (naming its file and line) or truncate (drop prompt tokens from the left)
     path: str | None = None  # jsonl: the examples
     test_path: str | None = None  # jsonl: null = hold out test_fraction of path
     test_fraction: float = 0.2  # jsonl without test_path: seeded share held out
@@ -41,6 +43,10 @@ class TaskConfig:
                 raise config_error(f"task.{key}", value, "null (all) or an integer ≥ 1")
         if self.max_new_tokens < 1:
             raise config_error("task.max_new_tokens", self.max_new_tokens, "an integer ≥ 1")
+        if self.max_length is not None and self.max_length <= self.max_new_tokens:
+            raise config_error("task.max_length", self.max_length, f"null (the model's context) or an integer > task.max_new_tokens={self.max_new_tokens}")
+        if self.overlong not in OVERLONG:
+            raise config_error("task.overlong", self.overlong, " or ".join(OVERLONG))
         if not 0 < self.test_fraction < 1:
             raise config_error("task.test_fraction", self.test_fraction, "a number in (0, 1)")
         check = TASKS[self.name].check
@@ -48,11 +54,15 @@ class TaskConfig:
             check(self)
 
 
+OVERLONG = ("refuse", "truncate")
+
+
 @dataclass
 class Example:
     prompt: str
     response: str
     answers: list[str] = field(default_factory=list)  # accepted answers; default: the response
+    source: str = ""  # where it came from ("path:line"), for error messages
 
 
 Scorer = Callable[[str, Example], dict[str, float]]
@@ -122,7 +132,7 @@ def read_jsonl(path: Path, prompt_field: str, response_field: str, key: str) -> 
                 raise ConfigError(f"{path}:{number}: missing or empty string field {name!r}")
         answers = row.get("answers")
         answers = [str(a) for a in answers] if isinstance(answers, list) and answers else [row[response_field]]
-        examples.append(Example(row[prompt_field], row[response_field], answers))
+        examples.append(Example(row[prompt_field], row[response_field], answers, f"{path}:{number}"))
     if not examples:
         raise ConfigError(f"{key}={str(path)!r}: the file has no examples")
     return examples
@@ -153,4 +163,4 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
 
 from reft_lab.tasks import builtin  # noqa: E402,F401  (registers the shipped tasks)
 
-__all__ = ["TASKS", "Example", "Task", "TaskConfig", "TaskKind", "load_task", "read_jsonl", "register_task"]
+__all__ = ["OVERLONG", "TASKS", "Example", "Task", "TaskConfig", "TaskKind", "load_task", "read_jsonl", "register_task"]

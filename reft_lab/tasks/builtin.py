@@ -119,7 +119,8 @@ def _hf_split(cfg: TaskConfig, split: str) -> list[Example]:
     for name in (cfg.prompt_field, cfg.response_field):
         if name not in rows.column_names:
             raise config_error(f"task.{'prompt' if name == cfg.prompt_field else 'response'}_field", name, f"one of the dataset's columns {rows.column_names}")
-    return [Example(str(r[cfg.prompt_field]), str(r[cfg.response_field]), [str(r[cfg.response_field])]) for r in rows]
+    return [Example(str(r[cfg.prompt_field]), str(r[cfg.response_field]), [str(r[cfg.response_field])],
+                    f"{cfg.dataset} {split} row {i}") for i, r in enumerate(rows)]
 
 
 register_task("json_answer", TaskKind(load=shipped("json_answer"), score=score_json_answer, metric="json_answer_correct",
