@@ -75,18 +75,19 @@ def loss_window(steps: int) -> int:
 
 def divergence(losses: list[float], params: list[torch.Tensor]) -> str | None:
     """Why a finished run counts as diverged, or None: a trainable tensor that is not finite, or a
-    loss whose median over the last ``loss_window`` steps ends above the median over the first by
-    more than max(DIVERGENCE_NATS, half the start). Medians over a window keep a short run's noise
-    from deciding; a run that learns slowly or not at all is not diverged, only one that got worse."""
+    loss whose median over the last ``loss_window`` steps ends above the lowest of the first
+    ``loss_window`` by more than max(DIVERGENCE_NATS, half that start). The lowest early loss is the
+    start because a blow-up can begin at step 2; the median at the end ignores a few late spikes;
+    a run that learns slowly or not at all is not diverged, only one that got worse."""
     bad = sum(not bool(torch.isfinite(p).all()) for p in params)
     if bad:
         return f"{bad} trainable tensor(s) hold NaN or infinite values after training"
     if len(losses) < 2:
         return None
     k = loss_window(len(losses))
-    start, end = statistics.median(losses[:k]), statistics.median(losses[-k:])
+    start, end = min(losses[:k]), statistics.median(losses[-k:])
     if end > start + max(DIVERGENCE_NATS, 0.5 * start):
-        return (f"the loss rose from {start:.4g} (median of the first {k} steps) to {end:.4g} (median of the last {k}): "
+        return (f"the loss rose from {start:.4g} (lowest of the first {k} steps) to {end:.4g} (median of the last {k}): "
                 "lower trainer.lr or set trainer.max_grad_norm")
     return None
 
