@@ -1,4 +1,5 @@
-"""``reft-lab report <dir>...``: gather metrics.json files into report.md, report.csv, pareto.png.
+"""``reft-lab report <dir>...``: gather metrics.json files into report.md, report.csv, pareto.png,
+scores.png (every task score per group) and, for a sweep over one method key, sweep plots.
 
 Jobs whose configs differ only by seed form one group (mean ± 95% CI over seeds). Failed jobs
 (status "failed") and missing ones (a job directory without metrics.json) are listed as such.
@@ -133,7 +134,7 @@ def group(rows: list[dict]) -> list[dict]:
     for members in buckets.values():
         first = members[0]
         stats, values = {}, {}
-        for key, _ in summary():
+        for key in [k for k, _ in summary()] + score_keys(members):
             values[key] = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
             stats[key] = mean_ci(values[key]) if values[key] else (None, None)
         groups.append({"method": first["method"], "task": first["task"], "model": first["model"], "n": len(members),
@@ -143,6 +144,53 @@ def group(rows: list[dict]) -> list[dict]:
     _label(groups)
     _compare_to_best(groups)
     return sorted(groups, key=lambda g: (g["task"], g["model"], g["label"]))
+
+
+def score_keys(rows: list[dict]) -> list[str]:
+    """Every task score after training that ``rows`` report (json_valid, answer_match, ...), as dotted keys."""
+    names = {name for r in rows for name in ((r.get("task_scores") or {}).get("after") or {})}
+    return [f"task_scores.after.{name}" for name in sorted(names)]
+
+
+def _score_table(groups: list[dict]) -> str:
+    keys = sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+    if not keys:
+        return ""
+    head = ["group", "task", "n"] + [k.rsplit(".", 1)[1] for k in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        lines.append("| " + " | ".join([g["label"], g["task"], str(g["n"])]
+                                       + [_fmt(*g["stats"].get(k, (None, None))) for k in keys]) + " |")
+    return "\n## Task scores after training\n\nEvery score the task reports (mean ± 95% CI over seeds).\n\n" + "\n".join(lines) + "\n"
+
+
+def score_plot(path: Path, groups: list[dict]) -> bool:
+    """Each group's task scores after training, bars with 95% CIs; False (nothing drawn) without scores."""
+    keys = sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+    if not keys:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(groups) + 2), 4.4), dpi=120)
+    for j, key in enumerate(keys):
+        means = [g["stats"].get(key, (None, None))[0] for g in groups]
+        cis = [g["stats"].get(key, (None, None))[1] or 0 for g in groups]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar([x for x, m in zip(xs, means) if m is not None], [m for m in means if m is not None], width,
+               yerr=[c for c, m in zip(cis, means) if m is not None], capsize=3, label=key.rsplit(".", 1)[1])
+    ax.set_xticks(range(len(groups)), [f"{g['label']}\n{g['task']}" for g in groups], fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel("score after training (mean ± 95% CI)")
+    ax.set_title("Task scores after training")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return True
 
 
 def _compare_to_best(groups: list[dict]) -> None:
@@ -198,6 +246,7 @@ def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
              "task gain of its task and model is `best`; another group is `lower` when Welch's 95% interval for the "
              "difference excludes 0, `n.s.` when it does not (not a real difference at this n), `—` with fewer than "
              "2 seeds on either side.\n")
+    text += _score_table(groups)
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed or missing:
         text += "\n## Failed or missing jobs\n\n"
@@ -340,7 +389,7 @@ def report_main(args: list[str]) -> int:
     atomic_write_text(out / "report.md", markdown(groups, rows, missing))
     write_csv(out / "report.csv", rows)
     plotted = pareto_plot(out / "pareto.png", groups)
-    extra = sweep_plots(out, groups)
+    extra = sweep_plots(out, groups) + ([out / "scores.png"] if score_plot(out / "scores.png", groups) else [])
     print_table(groups, rows, missing)
     if groups and not plotted:
         print("pareto.png has no points: no group has a knowledge-retention value (the base answered no probe "

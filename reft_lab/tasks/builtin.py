@@ -6,6 +6,10 @@
 * ``arithmetic`` — narrow skill. ``exact_match`` (output is exactly the integer; the task metric)
   and ``number_match`` (the last integer in the output is right: the skill without the format).
   1000 train / 200 test.
+* ``json_answer_shuffled`` / ``json_answer_constant``: json_answer's questions trained with wrong
+  answers in the right format: each training answer moved to another question (a permutation drawn
+  from the run's seed), or every answer replaced by "unknown". The test split is json_answer's, with
+  its correct answers: what the model learns is the format, not the facts (experiments/format_not_knowledge).
 * ``jsonl``: your own data, ``task=jsonl task.path=train.jsonl [task.test_path=test.jsonl]``: one JSON
   object per line with "prompt" and "response" (field names configurable); without test_path a
   seeded ``test_fraction`` of the lines is held out. Overlapping prompts are refused.
@@ -83,6 +87,24 @@ def shipped(name: str):
     return load
 
 
+CONSTANT_ANSWER = "unknown"
+
+
+def wrong_answers(how: str):
+    """json_answer's loader with its training answers shuffled across questions or made constant."""
+
+    def load(cfg: TaskConfig, seed: int) -> tuple[list[Example], list[Example]]:
+        train, test = shipped("json_answer")(cfg, seed)
+        if how == "shuffled":
+            answers = [ex.response for ex in train]
+            random.Random(seed).shuffle(answers)
+        else:
+            answers = [json.dumps({"answer": CONSTANT_ANSWER})] * len(train)
+        return [Example(ex.prompt, answer, [json.loads(answer)["answer"]], ex.source) for ex, answer in zip(train, answers)], test
+
+    return load
+
+
 def _check_jsonl(cfg: TaskConfig) -> None:
     if not cfg.path:
         raise config_error("task.path", cfg.path, "the path of a JSONL file with prompt/response fields")
@@ -127,6 +149,9 @@ register_task("json_answer", TaskKind(load=shipped("json_answer"), score=score_j
                                       has_format=looks_like_json, defaults={"max_new_tokens": 16}))  # {"answer": "…"}
 register_task("arithmetic", TaskKind(load=shipped("arithmetic"), score=score_arithmetic, metric="exact_match",
                                      has_format=looks_like_bare_number))
+for _how in ("shuffled", "constant"):
+    register_task(f"json_answer_{_how}", TaskKind(load=wrong_answers(_how), score=score_json_answer, metric="json_answer_correct",
+                                                  has_format=looks_like_json, defaults={"max_new_tokens": 16}))
 register_task("jsonl", TaskKind(load=_load_jsonl, score=score_exact, metric="exact_match", check=_check_jsonl,
                                 defaults={"path": "???"}))
 register_task("hf", TaskKind(load=lambda cfg, seed: (_hf_split(cfg, cfg.train_split), _hf_split(cfg, cfg.test_split)),
