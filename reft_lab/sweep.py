@@ -1,8 +1,10 @@
 """``reft-lab train``: one job or a multirun sweep under Hydra.
 
-``run`` validates a single run before Hydra makes its output directory, resumes an optuna study
-from its storage, and hands each job to ``job``, which skips finished jobs, runs the recipe and
-records failures: in a multirun the other jobs go on and the sweep exits non-zero at the end.
+``run`` checks that the output directory can be written and validates a single run (or a search's
+base config) before Hydra starts, resumes an optuna study from its storage, and hands each job to
+``job``: it skips a finished job of the same settings (refuses one of other settings), records the
+job's ``.hydra/``, runs the recipe and records failures. In a multirun the other jobs go on and the
+sweep exits non-zero at the end.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from reft_lab import distributed
+from reft_lab.atomic import atomic_write_text, check_writable, nearest_writable
 from reft_lab.config import compose, conf_dir
 from reft_lab.errors import ConfigError, ReftLabError
 from reft_lab.metrics import lookup
 from reft_lab.recipe import failed_metrics, run_job
-from reft_lab.atomic import atomic_write_text, nearest_writable
 from reft_lab.settings import RunSettings, check_threads
 from reft_lab.training import Diverged, Interrupted
 
@@ -33,16 +35,6 @@ class TrialFailed(ReftLabError):
 
 
 FAILURE_LOG_ENV = "REFT_LAB_FAILURE_LOG"
-
-
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output directory {out} is not writable ({err.strerror}): set hydra.run.dir / hydra.sweep.dir") from err
 
 
 def _completed(out: Path) -> dict | None:
@@ -168,7 +160,7 @@ def job(cfg: DictConfig) -> float:
         value = lookup(done, cfg.optimized_metric)
         return float("nan" if value is None else value)
     try:
-        _check_writable(out)
+        check_writable(out, "job directory")
         if not prevalidated:
             settings.preflight()
         if main_process:
@@ -213,6 +205,24 @@ def resume_search(cfg: DictConfig, args: list[str]) -> list[str] | None:
     return [*args, f"hydra.sweeper.n_trials={remaining}", f"hydra.sweeper.sampler.seed={seed}"]
 
 
+FLAGS_WITH_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                     "-cd", "--experimental-rerun"}
+INSPECT_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--resolve", "--shell-completion", "-sc"}
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The ``key=value`` overrides of a Hydra command line: flags, and the values they take, dropped."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in FLAGS_WITH_VALUES:
+            skip = True
+        elif not arg.startswith("-"):
+            out.append(arg)
+    return out
+
+
 def _first_value(override: str) -> str | None:
     """``key=a,b`` → ``key=a``; a sweep function (``range(…)``, ``choice(…)``) → None (dropped)."""
     key, sep, value = override.partition("=")
@@ -247,14 +257,14 @@ def run(args: list[str]) -> int:
     """Run ``reft-lab train`` with Hydra; 0 when every job succeeded, else non-zero. Before Hydra
     starts: the output directory must be writable, a single run must validate and preflight (one
     line per mistake), and an optuna study resumes from its storage."""
-    import hydra
-
     from reft_lab.conf_store import register
 
     register()
+    if set(args) & INSPECT_FLAGS:  # the user asks Hydra to show something: nothing runs, nothing to check
+        return _hydra(args)
     explicit_sweep = bool({"-m", "--multirun"} & set(args))
     search = False
-    overrides = [a for a in args if not a.startswith("-")]
+    overrides = _overrides(args)
     if explicit_sweep:  # sweep values (a,b / range(...)) do not compose: check the first job's config
         overrides = [o for o in map(_first_value, overrides) if o is not None]
     try:
@@ -279,6 +289,13 @@ def run(args: list[str]) -> int:
             args = resume_search(cfg, args)
             if args is None:
                 return 0
+    return _hydra(args, search)
+
+
+def _hydra(args: list[str], search: bool = False) -> int:
+    """Hand the command line to Hydra; collect the failures its jobs recorded."""
+    import hydra
+
     failure_log = tempfile.NamedTemporaryFile(prefix="reft_lab_failures_", suffix=".log", delete=False)
     failure_log.close()
     os.environ[FAILURE_LOG_ENV] = failure_log.name

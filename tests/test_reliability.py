@@ -393,6 +393,11 @@ def test_report_lists_a_malformed_metrics_file_instead_of_crashing(tmp_path, cap
 def test_help_texts(capsys):
     assert main(["params", "--help"]) == 0
     assert "usage: reft-lab params" in capsys.readouterr().out
+    assert main(["train", "--cfg", "job", "model=tiny", "trainer=smoke"]) == 0  # every default, from the dataclasses
+    out = capsys.readouterr().out
+    assert "name_or_path: tiny:llama" in out and "prefix_cache_gb: 2.0" in out and "max_steps: 3" in out
+    assert main(["train", "--help"]) == 0
+    assert "reft-lab train is powered by Hydra" in capsys.readouterr().out
     said = {"generate": ["tokens generated per answer", "prompts generated at once", "the prompts, each one argument"],
             "bench": ["the training steps to time", "untimed steps per provider", "timed steps per provider",
                       "peak training memory", "record and the CSV table"]}
