@@ -146,28 +146,25 @@ def test_prefix_cache_invalidation(tiny, tmp_path):
 
 
 def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
-    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2",
-                 "--memory-steps", "1", "--providers", "reft_lab_loreft", "pyreft_loreft", "peft_lora", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2", "--memory-steps",
+                 "1", "--providers", "reft_lab_loreft", "pyreft_loreft", "peft_lora", "floor", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
-    assert set(record["providers"]) == {"reft_lab_loreft", "pyreft_loreft", "peft_lora"}
+    assert set(record["providers"]) == {"reft_lab_loreft", "pyreft_loreft", "peft_lora", "floor"}
     assert all(v["median_s"] > 0 for v in record["providers"].values())
-    assert "reft_lab_loreft/pyreft_loreft_step" in record["ratios"]
-    assert set(record["paired_step_ratios"]) == {"reft_lab_loreft/pyreft_loreft_step", "reft_lab_loreft/peft_lora_step"}
+    assert "reft_lab_loreft/pyreft_loreft_step" in record["ratios"] and "reft_lab_loreft/floor_step" in record["ratios"]
+    assert set(record["paired_step_ratios"]) == {"reft_lab_loreft/pyreft_loreft_step", "reft_lab_loreft/peft_lora_step",
+                                                 "reft_lab_loreft/floor_step"}
     assert {p: len(t) for p, t in record["times_s"].items()} == {p: 2 for p in record["providers"]}
-    assert (tmp_path / "train_step.csv").read_text().count("\n") == 4
+    assert (tmp_path / "train_step.csv").read_text().count("\n") == 5
 
 
-def test_bench_floor_provider_and_needed_flops(tmp_path):
-    """The floor (plain model, activation backward from the lowest edited layer, no edit) runs and
-    is compared with; needed FLOPs match a hand count."""
+def test_bench_needed_flops_match_a_hand_count():
+    """The FLOPs a step needs (for MFU): the floor provider, the plain model with the activation
+    backward from the lowest edited layer, runs in ``test_bench_runs_on_a_tiny_model``."""
     from transformers import LlamaConfig
 
     import reft_lab.bench as bench
 
-    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--steps", "2", "--memory-steps", "1",
-                 "--providers", "reft_lab_loreft", "floor", "--out", str(tmp_path)]) == 0
-    record = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
-    assert record["providers"]["floor"]["median_s"] > 0 and "reft_lab_loreft/floor_step" in record["ratios"]
     bench.set_scale("smol_A")  # batch 8 × (48 + 16), layers from 6
     try:
         config = LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=10, num_attention_heads=2,
