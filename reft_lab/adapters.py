@@ -58,8 +58,9 @@ def save_adapter(tuned: TunedModel, directory: str | Path) -> Path:
         "reft_lab_version": __version__,
     }
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata=ADAPTER_METADATA))
-    if hasattr(tuned, "peft_config"):
-        atomic_write_json(directory / PEFT_CONFIG_FILE, tuned.peft_config())
+    peft_config = tuned.peft_config()
+    if peft_config is not None:
+        atomic_write_json(directory / PEFT_CONFIG_FILE, peft_config)
     atomic_write_json(directory / CONFIG_FILE, config)
     return directory
 

@@ -40,23 +40,19 @@ def atomic_write_json(path: str | Path, data) -> None:
 
 
 def check_writable(directory: str | Path, key: str = "--out") -> None:
-    """Raise a one-line ReftLabError unless files can be created in ``directory`` (made if missing).
-    A probe, not permission bits: root passes those on read-only or immutable directories."""
-    from reft_lab.errors import ReftLabError
-
-    directory = Path(directory)
+    """Make ``directory`` if missing, then ``nearest_writable``: a one-line ReftLabError unless files
+    can be created there."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=directory)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ReftLabError(f"{key}={directory}: cannot write there ({err.strerror or err}): choose a writable directory") from err
+        Path(directory).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # nearest_writable names the reason
+    nearest_writable(directory, key)
 
 
 def nearest_writable(path: str | Path, key: str) -> None:
-    """Like ``check_writable``, without creating ``path``: probe it if it exists, else its nearest
-    existing ancestor (a directory that does not exist yet is made later, by whoever needs it)."""
+    """Raise a one-line ReftLabError unless a file can be created in ``path`` if it exists, else in
+    its nearest existing ancestor (a directory that does not exist yet is made later, by whoever
+    needs it). A probe, not permission bits: root passes those on read-only or immutable directories."""
     from reft_lab.errors import ReftLabError
 
     path = Path(path).absolute()

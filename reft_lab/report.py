@@ -152,8 +152,12 @@ def score_keys(rows: list[dict]) -> list[str]:
     return [f"task_scores.after.{name}" for name in sorted(names)]
 
 
+def _group_score_keys(groups: list[dict]) -> list[str]:
+    return sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+
+
 def _score_table(groups: list[dict]) -> str:
-    keys = sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+    keys = _group_score_keys(groups)
     if not keys:
         return ""
     head = ["group", "task", "n"] + [k.rsplit(".", 1)[1] for k in keys]
@@ -166,7 +170,7 @@ def _score_table(groups: list[dict]) -> str:
 
 def score_plot(path: Path, groups: list[dict]) -> bool:
     """Each group's task scores after training, bars with 95% CIs; False (nothing drawn) without scores."""
-    keys = sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+    keys = _group_score_keys(groups)
     if not keys:
         return False
     import matplotlib

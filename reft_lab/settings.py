@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 
 from reft_lab.config import build_section
 from reft_lab.errors import ConfigError, config_error
+from reft_lab.evaluation.retention import RETENTION_METRICS, retention_keys
 from reft_lab.evaluation.suite import EvalConfig
 from reft_lab.loggers import LoggerConfig
 from reft_lab.methods import MethodConfig, attach, method_config
-from reft_lab.evaluation.retention import RETENTION_METRICS, retention_keys
 from reft_lab.metrics import SCHEMA
 from reft_lab.models import ModelConfig
 from reft_lab.models.loading import model_config_only

@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from reft_lab import distributed
@@ -183,7 +183,7 @@ def resume_search(cfg: DictConfig, args: list[str]) -> list[str] | None:
     study is already complete."""
     sweeper = cfg.hydra.sweeper
     storage = str(sweeper.get("storage") or "")
-    if "optuna" not in str(sweeper.get("_target_", "")).lower() or not storage.startswith("sqlite:///"):
+    if not storage.startswith("sqlite:///"):
         return args
     Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     import optuna
@@ -223,26 +223,21 @@ def _overrides(args: list[str]) -> list[str]:
     return out
 
 
-def _first_value(override: str) -> str | None:
-    """``key=a,b`` → ``key=a``; a sweep function (``range(…)``, ``choice(…)``) → None (dropped)."""
-    key, sep, value = override.partition("=")
-    if not sep:
-        return override
-    if re.match(r"\s*(range|choice|interval|glob|tag|shuffle|sort)\(", value):
-        return None
-    depth, quote = 0, None
-    for i, ch in enumerate(value):
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[({":
-            depth += 1
-        elif ch in "])}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            return f"{key}={value[:i]}"
-    return override
+def _first_job(overrides: list[str]) -> list[str]:
+    """A sweep's overrides for its first job, parsed by Hydra's own grammar: ``key=a,b`` → ``key=a``,
+    ``key=range(1,4)`` → ``key=1``; a sweep that needs the config to expand (``glob``) is dropped."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    first = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if not override.is_sweep_override():
+            first.append(override.input_line)
+            continue
+        try:
+            first.append(f"{override.get_key_element()}={next(override.sweep_string_iterator())}")
+        except Exception:  # noqa: BLE001  (glob(...) expands against the config loader, not here)
+            pass
+    return first
 
 
 def _dir_to_check(cfg: DictConfig, multirun: bool) -> tuple[str, str] | None:
@@ -265,11 +260,11 @@ def run(args: list[str]) -> int:
     explicit_sweep = bool({"-m", "--multirun"} & set(args))
     search = False
     overrides = _overrides(args)
-    if explicit_sweep:  # sweep values (a,b / range(...)) do not compose: check the first job's config
-        overrides = [o for o in map(_first_value, overrides) if o is not None]
     try:
+        if explicit_sweep:  # sweep values (a,b / range(...)) do not compose: check the first job's config
+            overrides = _first_job(overrides)
         cfg = compose(overrides, with_hydra=True)
-    except ConfigError:
+    except (ConfigError, HydraException):
         if not explicit_sweep:
             raise
         cfg = None  # Hydra reports what it cannot parse

@@ -11,7 +11,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from reft_lab.evaluation.retention import _contains_answer
+from reft_lab.evaluation.retention import contains_answer
 from reft_lab.report import mean_ci
 from reft_lab.tasks import TaskConfig, load_task
 
@@ -23,7 +23,7 @@ def main(sweep: Path) -> None:
         metrics = json.loads(metrics_path.read_text())
         rows = [json.loads(line) for line in (metrics_path.parent / "predictions.jsonl").read_text().splitlines()]
         for when, key in (("after", (metrics["method"], metrics["task"])), ("before", ("base (untrained)", "—"))):
-            hits = [_contains_answer(row[when], accepted[row["prompt"]]) for row in rows]
+            hits = [contains_answer(row[when], accepted[row["prompt"]]) for row in rows]
             if when == "after" or not shares[key]:  # the base's outputs are the same in every job
                 shares[key].append(sum(hits) / len(hits))
     print("| method | trained on | n | correct answer anywhere in the output |")

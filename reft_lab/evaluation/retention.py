@@ -53,7 +53,8 @@ class RetentionMetric:
     label: str | None = None
 
 
-def _contains_answer(output: str, answers: list[str]) -> bool:
+def contains_answer(output: str, answers: list[str]) -> bool:
+    """An accepted answer appears in ``output`` as a whole word, in any case and format."""
     text = output.lower()
     return any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", text) for a in answers)
 
@@ -62,7 +63,7 @@ def _contains_answer(output: str, answers: list[str]) -> bool:
 
 def _knowledge_probe(suite, model, base) -> list[bool]:
     outputs = suite.texts(model, suite.probe_prompts, PROBE_TOKENS, f"knowledge probe ({suite.phase(base)})")
-    return [_contains_answer(o, q["answers"]) for o, q in zip(outputs, suite.probe)]
+    return [contains_answer(o, q["answers"]) for o, q in zip(outputs, suite.probe)]
 
 
 def _knowledge_choice(suite, model, base) -> list[bool]:

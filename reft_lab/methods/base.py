@@ -63,6 +63,10 @@ class TunedModel(nn.Module):
         """Load what ``saved_state`` wrote."""
         self.load_trainable_state(state, source)
 
+    def peft_config(self) -> dict | None:
+        """peft's adapter_config.json when the adapter is also a peft adapter (LoRA/DoRA), else None."""
+        return None
+
     def no_decay_parameter_names(self) -> set[str]:
         """Parameters that must stay out of weight decay (biases, norms, orthonormal bases)."""
         return {n for n, p in self.trainable_state().items() if p.ndim < 2}
