@@ -24,15 +24,15 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from reft_lab.errors import ReftLabError
-
 from reft_lab.data.batching import EncodedExample, collate_train
+from reft_lab.errors import ReftLabError
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
@@ -401,6 +401,25 @@ def machine() -> str:
     return f"{cpu} ({len(os.sched_getaffinity(0))} cores)"
 
 
+def memory_in_subprocesses(opts) -> dict[str, int]:
+    """Each provider's peak training memory, each in its own fresh process. As many run side by side
+    as there are cores (a process's peak is its own, whatever runs beside it): fewer start-ups to wait for."""
+    where = ["--scale", opts.scale] if opts.scale else ["--model", opts.model, "--layers", *map(str, LAYERS)]
+
+    def measure(provider: str) -> int:
+        proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", *where, "--memory-only", provider,
+                               "--memory-steps", str(opts.memory_steps)],
+                              capture_output=True, text=True, env={**os.environ, **LIVE_MEMORY_ENV})
+        if proc.returncode:
+            raise ReftLabError(f"bench: measuring {provider}'s memory failed (exit {proc.returncode}): "
+                               f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
+
+    workers = max(1, min(len(opts.providers), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers) as pool:
+        return dict(zip(opts.providers, pool.map(measure, opts.providers)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reft-lab bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="the model of config A (ignored with --scale)")
@@ -434,13 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         times, memory = time_alone(opts.providers, opts.model, opts.warmup, opts.steps)
     else:
         times = time_steps(opts.providers, opts.model, opts.warmup, opts.steps)
-        memory = {}
-        where = ["--scale", opts.scale] if opts.scale else ["--model", opts.model, "--layers", *map(str, LAYERS)]
-        for provider in opts.providers:
-            proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", *where, "--memory-only", provider,
-                                   "--memory-steps", str(opts.memory_steps)],
-                                  capture_output=True, text=True, check=True, env={**os.environ, **LIVE_MEMORY_ENV})
-            memory[provider] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_train_bytes"]
+        memory = memory_in_subprocesses(opts)
     method = "cuda_alone_max_allocated" if torch.cuda.is_available() else MEMORY_METHOD
     record = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "versions": versions(),
               "config": {"model": opts.model, "scale": opts.scale, "batch": BATCH, "prompt": PROMPT, "response": RESPONSE,

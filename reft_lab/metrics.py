@@ -15,7 +15,7 @@ from reft_lab.errors import ReftLabError
 from reft_lab.evaluation.retention import RETENTION
 
 METRICS_FILE = "metrics.json"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 NUM = (int, float)
 STATUSES = ("ok", "failed", "diverged")  # diverged: trained, but its weights or loss blew up (README)
 
@@ -52,14 +52,20 @@ SCHEMA: dict[str, tuple[tuple[type, ...], bool, str]] = {
     "config": ((dict,), True, "the composed config"),
     "output_dir": ((str,), True, "the job's directory"),
     "finished_at": ((str, type(None)), True, "when the job finished (UTC, ISO 8601); null for a failed job"),
+    "curve": ((list,), True, "the evaluation at each step of trainer.eval_at and at the end: step, task_after, "
+                             "task_scores and each retention metric's after value"),
 }
+KEY_SINCE = {"curve": 3}  # schema version that introduced a key: older files lack it
 
 
 def validate(metrics: dict) -> list[str]:
     """Problems with ``metrics`` (empty list = valid)."""
     problems = []
     ok = metrics.get("status") == "ok"
+    version = metrics.get("schema_version") if isinstance(metrics.get("schema_version"), int) else SCHEMA_VERSION
     for key, (types, required, _) in SCHEMA.items():
+        if KEY_SINCE.get(key, 1) > version:
+            continue
         if key not in metrics:
             problems.append(f"missing key {key!r}")
             continue
@@ -74,7 +80,6 @@ def validate(metrics: dict) -> list[str]:
             problems.append(f"{key} is not finite")
     if ok:
         retention = metrics.get("retention") or {}
-        version = metrics.get("schema_version") if isinstance(metrics.get("schema_version"), int) else SCHEMA_VERSION
         for metric in RETENTION:
             if metric.since <= version and set(retention.get(metric.name, {})) != {"before", "after"}:
                 problems.append(f"retention.{metric.name} needs before and after")

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from reft_lab import __version__, distributed
 from reft_lab.accounting import fingerprint, param_report
+from reft_lab.atomic import atomic_write_json
 from reft_lab.adapters import save_adapter
 from reft_lab.data.batching import PromptEncoder, encode_examples
 from reft_lab.errors import ReftLabError, config_error
@@ -79,10 +80,16 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     name = out.name
     tags = [settings.method.name, task.name, f"seed{settings.seed}"]
     logger = make_logger(settings.logger, out, name, group, tags, config) if dist_info.main else NullLogger()
+    run_id = config_fingerprint(settings)
+
+    def evaluate_at(step: int) -> None:
+        if dist_info.main:
+            save_curve_point(out, run_id, curve_point(step, evaluate_tuned(tuned, suite, base_results), task.metric))
+
     try:
         stats = train(tuned, data, settings.trainer, lr=settings.lr, seed=settings.seed,
-                      pad_id=encoder.pad_id, logger=logger, job_dir=out, run_id=config_fingerprint(settings),
-                      dist_info=dist_info)
+                      pad_id=encoder.pad_id, logger=logger, job_dir=out, run_id=run_id,
+                      dist_info=dist_info, on_eval=evaluate_at if settings.trainer.eval_at else None)
         if not dist_info.main:
             return None
         if stats.diverged:
@@ -102,6 +109,7 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
             "steps": stats.steps, "torch_threads": torch.get_num_threads(), "world_size": dist_info.world, "base_fingerprint_before": fingerprint_before,
             "base_fingerprint_after": fingerprint(tuned.base_model), "versions": versions(), "config": config,
             "output_dir": str(out), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "curve": [*saved_curve(out, run_id, settings.trainer.eval_at), curve_point(stats.steps, after, task.metric)],
         }
         _write_predictions(out, task, base_results.task_outputs, after["task_outputs"])
         if lookup(metrics, settings.optimized_metric) is None:
@@ -111,6 +119,36 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
         return metrics
     finally:
         logger.finish()
+
+
+CURVE_FILE = "curve.json"  # the points evaluated so far: a resumed job keeps those before its checkpoint
+
+
+def curve_point(step: int, evaluated: dict, metric: str) -> dict:
+    return {"step": step, "task_after": evaluated["task_scores"][metric], "task_scores": evaluated["task_scores"],
+            "retention": {name: value["after"] for name, value in evaluated["retention"].items()}}
+
+
+def _curve_points(out: Path, run_id: str) -> dict[int, dict]:
+    try:
+        saved = json.loads((out / CURVE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return {p["step"]: p for p in saved["points"]} if saved.get("run_id") == run_id else {}
+
+
+def save_curve_point(out: Path, run_id: str, point: dict) -> None:
+    points = {**_curve_points(out, run_id), point["step"]: point}
+    atomic_write_json(out / CURVE_FILE, {"run_id": run_id, "points": [points[s] for s in sorted(points)]})
+
+
+def saved_curve(out: Path, run_id: str, steps: list[int]) -> list[dict]:
+    """The points of ``steps`` evaluated for this run (by this process or the one it resumed)."""
+    points = _curve_points(out, run_id)
+    missing = sorted(set(steps) - set(points))
+    if missing:
+        raise ReftLabError(f"{out / CURVE_FILE} lacks the evaluation at step(s) {missing} of trainer.eval_at")
+    return [points[s] for s in sorted(set(steps))]
 
 
 def _write_predictions(out: Path, task, before: list[str], after: list[str]) -> None:

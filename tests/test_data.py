@@ -1,5 +1,7 @@
 """Shipped data is reproducible and disjoint; scorers and format detectors."""
 
+import pytest
+
 from reft_lab.data import generate, read_retention
 from reft_lab.tasks import Example, TaskConfig, load_task
 from reft_lab.tasks.builtin import (
@@ -41,3 +43,14 @@ def test_arithmetic_scorer_and_formats():
     assert score_arithmetic("2 + 3 = 6", ex)["number_match"] == 0.0
     assert looks_like_json(' {"answer"') and not looks_like_json("Sure: {")
     assert looks_like_bare_number(" -12 ") and not looks_like_bare_number("12 apples")
+
+
+def test_expected_calibration_error_by_hand():
+    from reft_lab.evaluation.retention import expected_calibration_error
+
+    # bin [0.9, 1): confidences 0.95 and 0.9, one right → |0.5 − 0.925| · 2/4; bin [0.3, 0.4): right at 0.3 →
+    # 0.7 · 1/4; bin [0.6, 0.7): wrong at 0.6 → 0.6 · 1/4
+    assert expected_calibration_error([True, False, True, False], [0.95, 0.9, 0.3, 0.6]) == \
+        pytest.approx((abs(0.5 - 0.925) * 2 + 0.7 + 0.6) / 4)
+    assert expected_calibration_error([True, True], [1.0, 1.0]) == 0.0  # confidence 1 sits in the top bin
+    assert expected_calibration_error([], []) is None

@@ -175,6 +175,7 @@ BAD_TRAIN = [
     (["trainer.warmup_ratio=1.5"], "trainer.warmup_ratio"),
     (["trainer.batch_size=two"], "trainer.batch_size"),
     (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every"),
+    (["trainer.eval_at=[3]"], "trainer.eval_at"),
     (["seed=abc"], "seed"),
     (["optimized_metric=nope"], "optimized_metric"),
     (["logger=nope"], "logger/nope"),

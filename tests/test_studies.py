@@ -5,19 +5,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+from reft_lab.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model=tiny", "trainer=smoke", "logger=none", "retention.knowledge_probe=4", "retention.kl_prompts=2",
+TINY = ["model=tiny", "trainer=smoke", "trainer.max_steps=3", "trainer.batch_size=4", "logger=none", "retention.knowledge_probe=4", "retention.kl_prompts=2",
         "retention.leakage_prompts=2", "retention.kl_tokens=4", "task.test_size=4", "seed=0"]
 
 
-def test_format_not_knowledge_study_runs_and_reports(tmp_path):
+def _run_study(study: str, tmp_path: Path, *overrides: str) -> tuple[str, list[dict]]:
+    """The study's run.sh on the tiny model: its report.md and its jobs' metrics."""
     env = {**os.environ, "WANDB_MODE": "disabled", "SWEEP": str(tmp_path / "sweep"), "OUT": str(tmp_path / "out"),
            "REFT_LAB": str(Path(sys.executable).parent / "reft-lab")}
-    run = subprocess.run(["bash", str(ROOT / "experiments/format_not_knowledge/run.sh"), *TINY, "method=loreft"], env=env,
+    run = subprocess.run(["bash", str(ROOT / "experiments" / study / "run.sh"), *TINY, *overrides], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    report = (tmp_path / "out" / "report.md").read_text()
+    return (tmp_path / "out" / "report.md").read_text(), [read_metrics(p) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+
+
+def test_format_not_knowledge_study_runs_and_reports(tmp_path):
+    report, jobs = _run_study("format_not_knowledge", tmp_path, "method=loreft")
     for task in ("json_answer", "json_answer_shuffled", "json_answer_constant"):
         assert f"| {task} |" in report
     assert "json_valid" in report and (tmp_path / "out" / "scores.png").stat().st_size > 1000
-    assert len(list((tmp_path / "sweep").glob("*/metrics.json"))) == 3  # 3 answer kinds × loreft × seed 0
+    assert len(jobs) == 3  # 3 answer kinds × loreft × seed 0
+
+
+def test_forgetting_over_steps_study_runs_and_reports(tmp_path):
+    report, jobs = _run_study("forgetting_over_steps", tmp_path, "method=lora", "trainer.eval_at=[1,2]")
+    assert len(jobs) == 1 and [p["step"] for p in jobs[0]["curve"]] == [1, 2, 3]
+    assert "## Over training steps" in report and (tmp_path / "out" / "curves.png").stat().st_size > 1000

@@ -126,11 +126,12 @@ def _synthetic(tmp: Path, method: str, seed: int, gain: float, retention: float)
         "task_before": 0.0, "task_after": gain, "task_gain": gain, "task_scores": {}, "tokens_per_s": 1.0,
         "final_loss": 1.0, "base_fingerprint_before": "a", "base_fingerprint_after": "a", "versions": {},
         "config": {"method": {"name": method}, "seed": seed}, "output_dir": str(tmp / f"{method}{seed}"),
-        "finished_at": "2026-11-23T00:00:00+00:00",
+        "finished_at": "2026-11-23T00:00:00+00:00", "curve": [],
         "retention": {"knowledge_accuracy": {"before": 1.0, "after": 1.0},
                       "knowledge_retention": {"before": 1.0, "after": retention},
                       "knowledge_choice_accuracy": {"before": 1.0, "after": 1.0},
                       "knowledge_choice_retention": {"before": 1.0, "after": retention},
+                      "calibration_ece": {"before": 0.1, "after": 0.2},
                       "kl_drift": {"before": 0.0, "after": 0.1}, "leakage": {"before": 0.0, "after": 0.0}},
     })
     metrics.pop("schema_version")
@@ -139,12 +140,16 @@ def _synthetic(tmp: Path, method: str, seed: int, gain: float, retention: float)
 
 
 def test_metrics_of_an_older_schema_stay_valid(tmp_path):
-    """A schema-1 file (before the knowledge-choice metrics) is still read; a schema-2 one needs them."""
+    """A schema-1 file (before the knowledge-choice metrics) is still read; a schema-2 one needs them;
+    schema 3 added calibration and the curve."""
     _synthetic(tmp_path, "alpha", 0, 0.5, 0.9)
     metrics = read_metrics(tmp_path / "alpha0" / "metrics.json")
+    del metrics["curve"], metrics["retention"]["calibration_ece"]
+    assert validate(metrics) == ["missing key 'curve'", "retention.calibration_ece needs before and after"]
+    assert validate({**metrics, "schema_version": 2}) == []
     for name in ("knowledge_choice_accuracy", "knowledge_choice_retention"):
         del metrics["retention"][name]
-    assert "retention.knowledge_choice_accuracy needs before and after" in validate(metrics)
+    assert "retention.knowledge_choice_accuracy needs before and after" in validate({**metrics, "schema_version": 2})
     assert validate({**metrics, "schema_version": 1}) == []
 
 
@@ -167,6 +172,26 @@ def test_report_statistics_on_synthetic_metrics(tmp_path):
     assert "0.600 ± 0.248" in md and "n.s." in md and "lower" in md
 
 
+def test_report_draws_and_tabulates_curves_over_steps(tmp_path):
+    from reft_lab.metrics import write_metrics
+
+    for seed, late in enumerate([0.6, 0.8]):
+        _synthetic(tmp_path, "alpha", seed, late, 0.9)
+        metrics = read_metrics(tmp_path / f"alpha{seed}" / "metrics.json")
+        metrics["curve"] = [{"step": step, "task_after": after, "task_scores": {},
+                             "retention": {"knowledge_retention": 1.0 - step / 10, "kl_drift": None}}
+                            for step, after in ((1, 0.2), (5, late))]
+        write_metrics(tmp_path / f"alpha{seed}", metrics)
+    assert main(["report", str(tmp_path)]) == 0
+    curve = group([read_metrics(p) for p in tmp_path.rglob("metrics.json")])[0]["curve"]
+    assert list(curve) == [1, 5] and curve[5]["task_after"][0] == pytest.approx(0.7)
+    assert curve[1]["retention.knowledge_retention.after"] == (pytest.approx(0.9), 0.0)
+    assert "retention.kl_drift.after" not in curve[1]  # a null value is no observation
+    md = (tmp_path / "report.md").read_text()
+    assert "## Over training steps" in md and "| alpha | t | 2 | 5 | 0.700 ± 1.271 |" in md
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
 def test_report_plots_a_rank_sweep(tmp_path):
     sweep = tmp_path / "ranks"
     assert main(["train", "-m", "method.rank=1,2,4", f"hydra.sweep.dir={sweep}", *SMALL]) == 0
@@ -181,7 +206,8 @@ def test_one_job_on_two_processes_saves_once(tmp_path):
 
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "reft_lab.cli", "train",
-           f"hydra.run.dir={run}", *SMALL, "logger=csv", "trainer.max_steps=4", "trainer.checkpoint_every=2"]
+           f"hydra.run.dir={run}", *SMALL, "logger=csv", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+           "trainer.eval_at=[2]"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     if torch.cuda.device_count() < 2:  # one process per GPU: with fewer, both ranks train on the CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -189,6 +215,7 @@ def test_one_job_on_two_processes_saves_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(run / "metrics.json")
     assert metrics["status"] == "ok" and metrics["world_size"] == 2 and metrics["steps"] == 4
+    assert [point["step"] for point in metrics["curve"]] == [2, 4]  # rank 0 evaluates while rank 1 waits
     assert len(list(run.rglob("adapter_model.safetensors"))) == 1
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000002"]
     assert len((run / "train_log.csv").read_text().splitlines()) == 5  # rank 0 logs, once per step

@@ -53,12 +53,41 @@ def test_two_job_multirun_and_report(tmp_path, capsys):
     assert (sweep / "report.csv").read_text().count("\n") == 3
 
 
+def test_evaluation_during_training_records_a_curve_and_leaves_the_result_alone(tmp_path):
+    plain, curved = tmp_path / "plain", tmp_path / "curved"
+    args = [*SMALL, "method=lora", "trainer.max_steps=4", "logger=none"]
+    assert main(["train", f"hydra.run.dir={plain}", *args]) == 0
+    assert main(["train", f"hydra.run.dir={curved}", *args, "trainer.eval_at=[1,3]"]) == 0
+    m, p = read_metrics(curved / "metrics.json"), read_metrics(plain / "metrics.json")
+    assert validate(m) == [] and [point["step"] for point in m["curve"]] == [1, 3, 4]
+    assert [point["step"] for point in p["curve"]] == [4]  # every run has its final point
+    last = m["curve"][-1]
+    assert last["task_after"] == m["task_after"] and last["task_scores"] == m["task_scores"]["after"]
+    assert last["retention"] == {name: value["after"] for name, value in m["retention"].items()}
+    # evaluating between steps changes nothing the run learns
+    assert m["final_loss"] == p["final_loss"] and m["retention"] == p["retention"]
+    assert (curved / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (plain / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_resumed_run_keeps_the_curve_points_of_its_own_configuration(tmp_path):
+    from reft_lab.errors import ReftLabError
+    from reft_lab.recipe import save_curve_point, saved_curve
+
+    point = {"step": 2, "task_after": 0.5, "task_scores": {}, "retention": {}}
+    save_curve_point(tmp_path, "run-a", point)
+    save_curve_point(tmp_path, "run-a", {**point, "step": 1})
+    assert saved_curve(tmp_path, "run-a", [2, 1]) == [{**point, "step": 1}, point]
+    with pytest.raises(ReftLabError, match=r"lacks the evaluation at step\(s\) \[1, 2\]"):
+        saved_curve(tmp_path, "run-b", [1, 2])  # another configuration's points are not this run's
+
+
 def test_every_experiment_smoke_runs(tmp_path):
     sweep = tmp_path / "experiments"
     experiments = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
     assert "quickstart" in experiments
     assert main(["train", "-m", "experiment=glob(*)", f"hydra.sweep.dir={sweep}", "logger=none", *SMALL,
-                 "trainer.max_steps=2"]) == 0
+                 "trainer.max_steps=2", "trainer.eval_at=[1]"]) == 0
     jobs = _metrics(sweep)
     assert len(jobs) == len(experiments) and all(m["status"] == "ok" for m in jobs)
 

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from reft_lab.evaluation.retention import contains_answer
-from reft_lab.report import mean_ci
+from reft_lab.report.stats import mean_ci
 from reft_lab.tasks import TaskConfig, load_task
 
 

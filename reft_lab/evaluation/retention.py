@@ -11,6 +11,8 @@ The shipped prompt sets (``reft_lab/data/retention``) are disjoint from every ta
   appears in the output as a whole word, in any format;
 * knowledge choice: the same questions scored by likelihood, free of output format: correct when
   log p(answer | question) per character beats each of 3 distractors;
+* calibration: on the same choices, the probability of the chosen option (renormalised over the
+  options) against whether it is right, as expected calibration error;
 * KL drift: the base's greedy continuations of general prompts, teacher-forced through both models;
 * leakage: off-task prompts, checked for the task's output format (e.g. starting with '{').
 
@@ -19,6 +21,7 @@ Importing this module is cheap (no torch): the report reads the table too.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -66,17 +69,22 @@ def _knowledge_probe(suite, model, base) -> list[bool]:
     return [contains_answer(o, q["answers"]) for o, q in zip(outputs, suite.probe)]
 
 
-def _knowledge_choice(suite, model, base) -> list[bool]:
-    """Per question: does the accepted answer out-score every distractor, per character?"""
+def _knowledge_choice(suite, model, base) -> dict:
+    """Per question: does the accepted answer out-score every distractor, per character (``correct``),
+    and the probability of the chosen option among the options, from their sequence log-likelihoods
+    renormalised over the options (``confidence``: the model's confidence in its own answer)."""
     from reft_lab.evaluation.generation import option_scores
 
     scores = option_scores(model, suite.encoder, suite.probe_prompts, suite.choices, suite.cfg.batch_size,
                            f"knowledge choice ({suite.phase(base)})")
-    chosen = []
+    correct, confidence = [], []
     for scored, chars in zip(scores, suite.choice_chars):
         per_char = [score / n for score, n in zip(scored, chars)]
-        chosen.append(max(range(len(per_char)), key=per_char.__getitem__) == 0)
-    return chosen
+        chosen = max(range(len(per_char)), key=per_char.__getitem__)
+        top = max(scored)
+        correct.append(chosen == 0)
+        confidence.append(math.exp(scored[chosen] - top) / sum(math.exp(s - top) for s in scored))
+    return {"correct": correct, "confidence": confidence}
 
 
 def _kl(suite, model, base) -> Any:
@@ -125,6 +133,32 @@ def kept(suite, before: list[bool], after: list[bool]) -> dict:
     return {"before": 1.0 if known else None, "after": sum(after[i] for i in known) / len(known) if known else None}
 
 
+def choice_accuracy(suite, before: dict, after: dict) -> dict:
+    return accuracy(suite, before["correct"], after["correct"])
+
+
+def choice_kept(suite, before: dict, after: dict) -> dict:
+    return kept(suite, before["correct"], after["correct"])
+
+
+ECE_BINS = 10
+
+
+def expected_calibration_error(correct: list[bool], confidence: list[float], bins: int = ECE_BINS) -> float | None:
+    """Σ_bins (n_bin / n) · |accuracy − mean confidence| over equal-width confidence bins (Guo et al., 2017)."""
+    if not correct:
+        return None
+    members: list[list[int]] = [[] for _ in range(bins)]
+    for i, c in enumerate(confidence):
+        members[min(bins - 1, int(c * bins))].append(i)
+    return sum(abs(sum(correct[i] for i in m) - sum(confidence[i] for i in m)) for m in members) / len(correct)
+
+
+def calibration(suite, before: dict, after: dict) -> dict:
+    return {"before": expected_calibration_error(before["correct"], before["confidence"]),
+            "after": expected_calibration_error(after["correct"], after["confidence"])}
+
+
 def kl_drift(suite, before, after: dict) -> dict:
     return {"before": 0.0, "after": after["kl_sum"] / after["tokens"] if after["tokens"] else None}
 
@@ -142,12 +176,15 @@ RETENTION: list[RetentionMetric] = [
     RetentionMetric("knowledge_retention", "knowledge_probe", kept,
                     "share of probe questions the base answers correctly that the tuned model still answers", 1,
                     {"after": "knowledge_retention"}, "knowledge retention"),
-    RetentionMetric("knowledge_choice_accuracy", "knowledge_choice", accuracy,
+    RetentionMetric("knowledge_choice_accuracy", "knowledge_choice", choice_accuracy,
                     "share of probe questions whose answer out-scores its distractors", 2,
                     {"before": "knowledge_choice_acc_before", "after": "knowledge_choice_acc_after"}),
-    RetentionMetric("knowledge_choice_retention", "knowledge_choice", kept,
+    RetentionMetric("knowledge_choice_retention", "knowledge_choice", choice_kept,
                     "share of the base's likelihood-correct questions still correct", 2,
                     {"after": "knowledge_choice_retention"}, "choice retention"),
+    RetentionMetric("calibration_ece", "knowledge_choice", calibration,
+                    "expected calibration error of the chosen option's probability among the options (10 bins; lower is better)", 3,
+                    {"before": "ece_before", "after": "ece_after"}, "ECE"),
     RetentionMetric("kl_drift", "kl", kl_drift, "mean per-token KL(base ‖ tuned) over the base's continuations", 1,
                     {"after": "kl_drift"}, "KL drift"),
     RetentionMetric("leakage", "leakage", leakage, "share of off-task prompts answered in the task's format", 1,

@@ -22,7 +22,7 @@ from reft_lab.evaluation.retention import PROBES, RETENTION
 from reft_lab.methods import TunedModel
 from reft_lab.tasks import Task
 
-EVAL_VERSION = 3  # bump when anything below changes what the cached base results mean
+EVAL_VERSION = 4  # bump when anything below changes what the cached base results mean
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from reft_lab.errors import config_error
 from reft_lab.models.loading import DTYPES
@@ -30,6 +30,7 @@ class TrainerConfig:
     checkpoint_every: int = 25  # steps between checkpoints; 0 = only on SIGTERM/SIGINT
     keep_checkpoints: int = 2  # newest checkpoints kept
     resume: bool = True  # continue from the job directory's newest complete checkpoint
+    eval_at: list[int] = field(default_factory=list)  # steps before the last at which to run the whole evaluation too (metrics.json "curve")
 
     def __post_init__(self):
         if self.checkpoint_every < 0:
@@ -49,5 +50,7 @@ class TrainerConfig:
             raise config_error("trainer.weight_decay", self.weight_decay, "a number ≥ 0")
         if not 0 <= self.warmup_ratio < 1:
             raise config_error("trainer.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        if any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < self.max_steps for s in self.eval_at):
+            raise config_error("trainer.eval_at", list(self.eval_at), f"a list of steps in [1, {self.max_steps - 1}] (below trainer.max_steps)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise config_error("trainer.max_grad_norm", self.max_grad_norm, "null or a number > 0")

@@ -10,6 +10,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -141,12 +142,14 @@ def stop_signals():
 
 
 def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr: float, seed: int, pad_id: int,
-          logger, job_dir: Path | None = None, run_id: str = "", dist_info: distributed.Dist = distributed.Dist()) -> TrainStats:
+          logger, job_dir: Path | None = None, run_id: str = "", dist_info: distributed.Dist = distributed.Dist(),
+          on_eval: Callable[[int], None] | None = None) -> TrainStats:
     """The loop: ``t.max_steps`` optimizer steps at peak rate ``lr`` over ``data`` in the order drawn
     from ``seed``. With ``job_dir`` it checkpoints every ``t.checkpoint_every`` steps and on
     SIGTERM/SIGINT, and resumes from the newest complete checkpoint there whose ``run_id`` (the
     run's configuration fingerprint) matches. Under torchrun each process trains on its slice of
-    every batch and rank 0 writes the checkpoints."""
+    every batch and rank 0 writes the checkpoints. ``on_eval(step)`` runs after each step of
+    ``t.eval_at`` (the model in eval mode; its time is not training time)."""
     params = list(tuned.trainable_state().values())
     if not params:
         return TrainStats()
@@ -179,50 +182,71 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
     start = time.perf_counter() - progress.elapsed_s
     warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (loss.item() synchronises)
     first_step_s = tokens_per_s = None
-    bar = tqdm(range(progress.step, t.max_steps), initial=progress.step, total=t.max_steps,
-               desc=f"train {tuned.config.name}", unit="step", dynamic_ncols=True, disable=not dist_info.main)
-    with stop_signals() as (received, previous), hot_path(tuned, t):
-        for step in bar:
-            step_loss, step_tokens = 0.0, 0
-            for _ in range(t.grad_accum):
-                batch = next(stream).to(device)
-                with autocast, cache.around_batch(batch) if cache else nullcontext():
-                    loss = training_loss.response_loss(model, batch) / t.grad_accum
-                loss.backward()
-                step_loss += loss.item()
-                step_tokens += batch.n_tokens
-            if dist_info.world > 1:  # log the mean loss and all processes' tokens
-                step_loss, step_tokens = distributed.mean_and_sum(step_loss, step_tokens, device)
-            progress.tokens += step_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
-                kept = f"the last good checkpoint is step {saved_step}" if saved_step else "no checkpoint was written"
-                raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step, progress.last_loss = step + 1, step_loss
-            progress.losses.append(step_loss)
-            now = time.perf_counter()
-            if warm is None:
-                first_step_s = now - start - progress.elapsed_s
-                warm = (now, progress.tokens)
-            progress.elapsed_s = now - start
-            # steady state after the first step; with one step in this process, its warm-up included
-            tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
-            if progress.step % t.log_every == 0 and dist_info.main:
-                logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                                           "tokens_per_s": tokens_per_s})
-            if received:
-                checkpoint()
-                handler = previous.get(received[0])
-                if callable(handler) and handler is not signal.default_int_handler:
-                    handler(received[0], None)  # e.g. submitit: requeue from this checkpoint
-                raise Interrupted(received[0], progress.step)
-            if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
-                checkpoint()
+
+    def one_step(step: int) -> None:
+        nonlocal warm, first_step_s, tokens_per_s
+        step_loss, step_tokens = 0.0, 0
+        for _ in range(t.grad_accum):
+            batch = next(stream).to(device)
+            with autocast, cache.around_batch(batch) if cache else nullcontext():
+                loss = training_loss.response_loss(model, batch) / t.grad_accum
+            loss.backward()
+            step_loss += loss.item()
+            step_tokens += batch.n_tokens
+        if dist_info.world > 1:  # log the mean loss and all processes' tokens
+            step_loss, step_tokens = distributed.mean_and_sum(step_loss, step_tokens, device)
+        progress.tokens += step_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
+            kept = f"the last good checkpoint is step {saved_step}" if saved_step else "no checkpoint was written"
+            raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step, progress.last_loss = step + 1, step_loss
+        progress.losses.append(step_loss)
+        now = time.perf_counter()
+        if warm is None:
+            first_step_s = now - start - progress.elapsed_s
+            warm = (now, progress.tokens)
+        progress.elapsed_s = now - start
+        # steady state after the first step; with one step in this process, its warm-up included
+        tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.update(1)
+        if progress.step % t.log_every == 0 and dist_info.main:
+            logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                       "tokens_per_s": tokens_per_s})
+
+    bar = tqdm(initial=progress.step, total=t.max_steps, desc=f"train {tuned.config.name}", unit="step",
+               dynamic_ncols=True, disable=not dist_info.main)
+    # segments end at each evaluation step, outside the hot path (its swapped forwards are for training only)
+    ends = sorted({s for s in t.eval_at if s > progress.step} | {t.max_steps}) if on_eval else [t.max_steps]
+    with stop_signals() as (received, previous):
+        for end in ends:
+            with hot_path(tuned, t):
+                for step in range(progress.step, end):
+                    one_step(step)
+                    if received:
+                        checkpoint()
+                        handler = previous.get(received[0])
+                        if callable(handler) and handler is not signal.default_int_handler:
+                            handler(received[0], None)  # e.g. submitit: requeue from this checkpoint
+                        raise Interrupted(received[0], progress.step)
+                    if t.checkpoint_every and progress.step % t.checkpoint_every == 0 and progress.step < t.max_steps:
+                        checkpoint()
+            if end < t.max_steps:
+                paused = time.perf_counter()
+                tuned.eval()
+                on_eval(end)
+                tuned.train()
+                bar.unpause()  # the bar's rate is training's, not the evaluation's
+                start += time.perf_counter() - paused  # evaluation time is not training time
+                if warm is not None:
+                    warm = (warm[0] + time.perf_counter() - paused, warm[1])
+                distributed.barrier(dist_info)
+    bar.close()
     tuned.eval()
     if cache is not None and dist_info.main:
         print(f"reft-lab: {cache.summary()}")

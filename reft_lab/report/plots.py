@@ -1,0 +1,168 @@
+"""The report's figures: task gain against retention (Pareto), task scores, a sweep over one method
+key, and each metric over training steps (the runs' curves). Each writes one PNG atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from reft_lab.atomic import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    _pyplot().close(fig)
+
+
+def group_score_keys(groups: list[dict]) -> list[str]:
+    return sorted({k for g in groups for k in g["stats"] if k.startswith("task_scores.after.")})
+
+
+def score_plot(path: Path, groups: list[dict]) -> bool:
+    """Each group's task scores after training, bars with 95% CIs; False (nothing drawn) without scores."""
+    keys = group_score_keys(groups)
+    if not keys:
+        return False
+    plt = _pyplot()
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(groups) + 2), 4.4), dpi=120)
+    for j, key in enumerate(keys):
+        means = [g["stats"].get(key, (None, None))[0] for g in groups]
+        cis = [g["stats"].get(key, (None, None))[1] or 0 for g in groups]
+        xs = [i + (j - (len(keys) - 1) / 2) * width for i in range(len(groups))]
+        ax.bar([x for x, m in zip(xs, means) if m is not None], [m for m in means if m is not None], width,
+               yerr=[c for c, m in zip(cis, means) if m is not None], capsize=3, label=key.rsplit(".", 1)[1])
+    ax.set_xticks(range(len(groups)), [f"{g['label']}\n{g['task']}" for g in groups], fontsize=7, rotation=20, ha="right")
+    ax.set_ylabel("score after training (mean ± 95% CI)")
+    ax.set_title("Task scores after training")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def pareto_plot(path: Path, groups: list[dict]) -> int:
+    """Task gain against knowledge retention, one point per group; returns how many were plotted."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    methods = sorted({g["method"] for g in groups})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for g in groups:
+        x, xe = g["stats"]["retention.knowledge_retention.after"]
+        y, ye = g["stats"]["task_gain"]
+        if x is None or y is None:
+            continue
+        size = 30 + 25 * math.log10(max(10, g["trainable_params"]))
+        ax.errorbar(x, y, xerr=xe, yerr=ye, fmt="none", ecolor=colours[g["method"]], alpha=0.6, capsize=3)
+        ax.scatter([x], [y], s=size, color=colours[g["method"]], edgecolor="black", linewidth=0.5, zorder=3)
+        right = x > 0.6  # keep labels inside the axes
+        ax.annotate(f"{g['label']} ({g['trainable_params']:,} params)", (x, y), textcoords="offset points",
+                    xytext=(-6 if right else 6, 6), ha="right" if right else "left", fontsize=8)
+    plotted = [g for g in groups if g["stats"]["retention.knowledge_retention.after"][0] is not None
+               and g["stats"]["task_gain"][0] is not None]
+    if not plotted:
+        ax.text(0.5, 0.5, "no group has a knowledge-retention value:\nthe base answered no probe question correctly\n"
+                "(e.g. a tiny random model), so there is nothing to retain", ha="center", va="center",
+                transform=ax.transAxes, fontsize=9, color="dimgrey")
+    for m in methods:
+        ax.scatter([], [], color=colours[m], label=m)
+    ax.set_xlim(-0.02, 1.05)
+    ax.margins(y=0.2)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("knowledge retention (share of base-correct probe answers kept)")
+    ax.set_ylabel("task gain (after − before)")
+    ax.set_title("Task gain vs retention (marker size ∝ log trainable params)")
+    ax.grid(alpha=0.3)
+    if plotted:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    return len(plotted)
+
+
+SWEEP_KEYS = ("rank", "layers", "positions", "alpha", "lr", "tied")
+
+
+def sweep_plots(out: Path, groups: list[dict]) -> list[Path]:
+    """Task gain and knowledge retention against the one method key a sweep varied (rank, layers, …)."""
+    plt = _pyplot()
+    by_method = defaultdict(list)
+    for g in groups:
+        by_method[(g["task"], g["model"], g["method"])].append(g)
+    written = []
+    for (task, _, method), same in sorted(by_method.items()):
+        if len(same) < 2:
+            continue
+        settings = [g["config"].get("method") or {} for g in same]
+        varying = [k for k in SWEEP_KEYS if len({json.dumps(s.get(k)) for s in settings}) > 1]
+        if len(varying) != 1:
+            continue
+        key = varying[0]
+        xs = [s.get(key) for s in settings]
+        numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+        order = sorted(range(len(same)), key=lambda i: xs[i] if numeric else str(xs[i]))
+        positions = [xs[i] for i in order] if numeric else list(range(len(order)))
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+        for metric, name in (("task_gain", "task gain"), ("retention.knowledge_retention.after", "knowledge retention")):
+            means = [same[i]["stats"][metric][0] for i in order]
+            cis = [same[i]["stats"][metric][1] or 0 for i in order]
+            if any(m is None for m in means):
+                continue
+            ax.errorbar(positions, means, yerr=cis, marker="o", capsize=3, label=name)
+        if not numeric:
+            ax.set_xticks(positions, [str(xs[i]) for i in order], rotation=20, fontsize=8)
+        ax.set_xlabel(f"method.{key}")
+        ax.set_title(f"{method} on {task}: sweep over {key}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"sweep_{task}_{method}_{key}.png"
+        _save(fig, path)
+        written.append(path)
+    return written
+
+
+def curve_plot(path: Path, groups: list[dict], keys: list[tuple[str, str]]) -> bool:
+    """Each curve metric against training step, a line per group with its 95% CI band; False
+    (nothing drawn) when no group was evaluated at more than one step."""
+    curved = [g for g in groups if len(g["curve"]) > 1]
+    if not curved:
+        return False
+    plt = _pyplot()
+    shown = [(k, name) for k, name in keys if any(k in stats for g in curved for stats in g["curve"].values())]
+    cols = min(3, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), dpi=120, squeeze=False)
+    tasks = {g["task"] for g in curved}
+    for ax, (key, name) in zip(axes.flat, shown):
+        for i, g in enumerate(curved):
+            points = [(step, *stats[key]) for step, stats in g["curve"].items() if key in stats]
+            if not points:
+                continue
+            steps, means, cis = zip(*points)
+            label = g["label"] + (f" · {g['task']}" if len(tasks) > 1 else "")
+            line, = ax.plot(steps, means, marker="o", markersize=3, label=label, color=plt.get_cmap("tab10")(i % 10))
+            ax.fill_between(steps, [m - (c or 0) for m, c in zip(means, cis)], [m + (c or 0) for m, c in zip(means, cis)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Over training steps (mean ± 95% CI over seeds)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
