@@ -18,12 +18,14 @@ commands:
   report <dir> [<dir>...]   gather metrics.json files into report.md, report.csv, pareto.png
   generate --adapter DIR [--adapter DIR2 ...] PROMPT...   greedy answers of saved adapters on their base model
   bench [--providers ...]   training-step time and memory: reft_lab vs pyreft vs peft (config A)
+  analyze intruders <job dir>...  intruder dimensions of a job's updated weights (LoRA, DoRA, full)
 
 examples:
   reft-lab train -m experiment=quickstart
   reft-lab params method=loreft method.rank=8 model.name_or_path=path/to/config-only-dir
   reft-lab report multirun/quickstart
   reft-lab generate --adapter outputs/.../adapter "What is the capital of Peru?"
+  reft-lab analyze intruders multirun/.../method=lora,seed=0 --scale 0.3
 """
 
 
@@ -123,8 +125,24 @@ def bench_command(args: list[str]) -> int:
     return bench_main(args)
 
 
+ANALYSES = {"intruders": "reft_lab.analysis.intruders:intruders_main"}
+
+
+def analyze_command(args: list[str]) -> int:
+    import importlib
+
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: reft-lab analyze <analysis> [arguments]\n\nanalyses:\n  intruders <job dir>...  "
+              "intruder dimensions of a job's updated weight matrices (reft-lab analyze intruders --help)")
+        return 0
+    if args[0] not in ANALYSES:
+        raise ReftLabError(f"analyze: unknown analysis {args[0]!r}; allowed: {', '.join(ANALYSES)}")
+    module, function = ANALYSES[args[0]].split(":")
+    return getattr(importlib.import_module(module), function)(args[1:])
+
+
 COMMANDS = {"train": train_command, "params": params_command, "report": report_command, "generate": generate_command,
-            "bench": bench_command}
+            "bench": bench_command, "analyze": analyze_command}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -256,6 +256,9 @@ def run(args: list[str]) -> int:
 
     register()
     if set(args) & INSPECT_FLAGS:  # the user asks Hydra to show something: nothing runs, nothing to check
+        shown = sorted(set(args) & {"--cfg", "-c", "--info", "-i", "--shell-completion", "-sc"})
+        if shown and {"-m", "--multirun"} & set(args):
+            raise ReftLabError(f"{shown[0]} shows one job's config: drop -m (sweep values such as a,b then show as they are)")
         return _hydra(args)
     explicit_sweep = bool({"-m", "--multirun"} & set(args))
     search = False

@@ -176,6 +176,8 @@ BAD_TRAIN = [
     (["trainer.batch_size=two"], "trainer.batch_size"),
     (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every"),
     (["trainer.eval_at=[3]"], "trainer.eval_at"),
+    (["-m", "--cfg", "job"], "--cfg shows one job's config: drop -m"),
+    (["method.rslora=maybe"], "method.rslora"),
     (["seed=abc"], "seed"),
     (["optimized_metric=nope"], "optimized_metric"),
     (["logger=nope"], "logger/nope"),

@@ -34,3 +34,13 @@ def test_forgetting_over_steps_study_runs_and_reports(tmp_path):
     report, jobs = _run_study("forgetting_over_steps", tmp_path, "method=lora", "trainer.eval_at=[1,2]")
     assert len(jobs) == 1 and [p["step"] for p in jobs[0]["curve"]] == [1, 2, 3]
     assert "## Over training steps" in report and (tmp_path / "out" / "curves.png").stat().st_size > 1000
+
+
+def test_intruder_dimensions_study_runs_analyses_and_reports(tmp_path):
+    report, jobs = _run_study("intruder_dimensions", tmp_path, "trainer.max_steps=2")
+    variants = sorted((j["method"], j["config"]["method"].get("rank"), j["config"]["method"].get("alpha"),
+                       j["config"]["method"].get("rslora")) for j in jobs)
+    assert variants == [("full", None, None, None), ("lora", 8, 8, False), ("lora", 8, 16, False), ("lora", 64, 16, True),
+                        ("lora", 64, 64, False), ("lora", 64, 128, False)]
+    assert len(list((tmp_path / "sweep").glob("*/intruders.json"))) == 6
+    assert "## Intruder dimensions" in report and (tmp_path / "out" / "intruders.png").stat().st_size > 1000

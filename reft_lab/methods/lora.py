@@ -24,7 +24,8 @@ class LoraConfig(MethodConfig):
     name: str = "lora"
     lr: float = 5e-4
     rank: int = 8  # r: higher = more capacity and parameters
-    alpha: float = 16  # scale alpha/r on the update
+    alpha: float = 16  # scale alpha/r on the update (alpha/√r with rslora)
+    rslora: bool = False  # rank-stabilised LoRA (arXiv 2312.03732): scale alpha/√r, so high ranks keep their update's size
     dropout: float = 0.05  # on the LoRA branch input
     target_modules: list[str] | None = None  # null = peft's default for the architecture (q/v projections)
 
@@ -36,6 +37,8 @@ class LoraConfig(MethodConfig):
             raise config_error("method.rank", self.rank, "an integer ≥ 1")
         if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
             raise config_error("method.alpha", self.alpha, "a number > 0")
+        if not isinstance(self.rslora, bool):
+            raise config_error("method.rslora", self.rslora, "true or false")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
             raise config_error("method.dropout", self.dropout, "a number in [0, 1)")
         if self.target_modules is not None:
@@ -106,6 +109,7 @@ def attach_lora(model, config: LoraConfig) -> PeftTunedModel:
         lora_dropout=config.dropout,
         target_modules=_targets(model, config),
         use_dora=config.name == "dora",
+        use_rslora=config.rslora,
         task_type="CAUSAL_LM",
     )
     return PeftTunedModel(peft.get_peft_model(model, peft_config), config)

@@ -19,7 +19,7 @@ from reft_lab.atomic import atomic_write_text, check_writable
 from reft_lab.errors import ReftLabError
 from reft_lab.evaluation.retention import RETENTION
 from reft_lab.metrics import METRICS_FILE, STATUSES, lookup, read_metrics
-from reft_lab.report.plots import curve_plot, group_score_keys, pareto_plot, score_plot, sweep_plots
+from reft_lab.report.plots import curve_plot, group_score_keys, intruder_plot, pareto_plot, score_plot, sweep_plots
 from reft_lab.report.stats import differs, mean_ci
 
 RUN_COLUMNS = ["method", "task", "model", "seed", "status", "trainable_params", "trainable_pct", "adapter_bytes",
@@ -54,12 +54,30 @@ def gather(dirs: list[Path]) -> tuple[list[dict], list[str]]:
             if problem:  # listed, not summarised: a half-written or foreign file must not skew a group
                 rows.append({"status": "failed", "error": f"invalid {path}: {problem}", "output_dir": str(path.parent)})
             else:
-                rows.append(row)
+                rows.append({**row, **_analyses(path.parent)})
         for hydra_dir in sorted(root.rglob(".hydra")):
             job = hydra_dir.parent
             if not (job / METRICS_FILE).exists():
                 missing.append(str(job))
     return rows, missing
+
+
+def _analyses(job: Path) -> dict:
+    """What ``reft-lab analyze`` wrote beside the job's metrics (intruders.json), under its name."""
+    from reft_lab.analysis.intruders import RESULT_FILE
+
+    try:
+        return {"intruders": json.loads((job / RESULT_FILE).read_text(encoding="utf-8"))}
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+
+
+def intruder_keys() -> list[tuple[str, str]]:
+    """The intruder analysis's columns: count per matrix, then task and each curve metric with the
+    intruders' singular values scaled (``--scale``)."""
+    scaled = [(f"intruders.scale.after.{key.removesuffix('.after')}" if key.startswith("retention.")
+               else "intruders.scale.after.task_after", f"{name}, scaled") for key, name in curve_keys()]
+    return [("intruders.intruders_per_matrix", "intruders per matrix"), *scaled]
 
 
 GROUP_KEYS = {"method": str, "task": str, "model": str, "trainable_params": int, "trainable_pct": (int, float),
@@ -101,7 +119,8 @@ def group(rows: list[dict]) -> list[dict]:
     for members in buckets.values():
         first = members[0]
         stats, values = {}, {}
-        for key in [k for k, _ in summary()] + score_keys(members):
+        analysed = [k for k, _ in intruder_keys()] if any("intruders" in m for m in members) else []
+        for key in [k for k, _ in summary()] + score_keys(members) + analysed:
             values[key] = [v for v in (lookup(m, key) for m in members) if isinstance(v, (int, float))]
             stats[key] = mean_ci(values[key]) if values[key] else (None, None)
         groups.append({"method": first["method"], "task": first["task"], "model": first["model"], "n": len(members),
@@ -150,6 +169,20 @@ def _curve_table(groups: list[dict]) -> str:
                                            + [_fmt(*stats.get(k, (None, None))) for k, _ in curve_keys()]) + " |")
     return ("\n## Over training steps\n\nThe whole evaluation at each step of `trainer.eval_at` and at the end "
             "(mean ± 95% CI over seeds; curves.png).\n\n" + "\n".join(lines) + "\n")
+
+
+def _intruder_table(groups: list[dict]) -> str:
+    analysed = [g for g in groups if "intruders.intruders_per_matrix" in g["stats"]]
+    if not analysed:
+        return ""
+    keys = [(key, name) for key, name in summary() if key.startswith("retention.") or key == "task_after"] + intruder_keys()
+    head = ["group", "task", "n"] + [name for _, name in keys]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in analysed:
+        lines.append("| " + " | ".join([g["label"], g["task"], str(g["n"])] + [_fmt(*g["stats"].get(k, (None, None))) for k, _ in keys]) + " |")
+    return ("\n## Intruder dimensions\n\n`reft-lab analyze intruders`: top singular vectors of each updated matrix that "
+            "align with no pre-trained one (intruders.json beside each job), and the job's metrics with the intruders' "
+            "singular values scaled (mean ± 95% CI over seeds; intruders.png).\n\n" + "\n".join(lines) + "\n")
 
 
 def _score_table(groups: list[dict]) -> str:
@@ -217,7 +250,7 @@ def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
              "task gain of its task and model is `best`; another group is `lower` when Welch's 95% interval for the "
              "difference excludes 0, `n.s.` when it does not (not a real difference at this n), `—` with fewer than "
              "2 seeds on either side.\n")
-    text += _score_table(groups) + _curve_table(groups)
+    text += _score_table(groups) + _curve_table(groups) + _intruder_table(groups)
     failed = [r for r in rows if r.get("status") != "ok"]
     if failed or missing:
         text += "\n## Failed or missing jobs\n\n"
@@ -270,7 +303,8 @@ def report_main(args: list[str]) -> int:
     write_csv(out / "report.csv", rows)
     plotted = pareto_plot(out / "pareto.png", groups)
     extra = [*sweep_plots(out, groups), *([out / "scores.png"] if score_plot(out / "scores.png", groups) else []),
-             *([out / "curves.png"] if curve_plot(out / "curves.png", groups, curve_keys()) else [])]
+             *([out / "curves.png"] if curve_plot(out / "curves.png", groups, curve_keys()) else []),
+             *([out / "intruders.png"] if intruder_plot(out / "intruders.png", groups) else [])]
     print_table(groups, rows, missing)
     if groups and not plotted:
         print("pareto.png has no points: no group has a knowledge-retention value (the base answered no probe "

@@ -1,0 +1,1 @@
+"""Post-hoc analyses of finished jobs (``reft-lab analyze``)."""
