@@ -26,15 +26,15 @@ test: setup
 	$(MAKE) test-floor
 
 # the oldest transformers and peft pyproject allows (with the hub, tokenizers and datasets they
-# need), installed beside the venv's and put first on the path, through the tests that touch them
-# (not the benchmark harness's: they time providers, and cost most of this run)
+# need), installed beside the venv's and put first on the path, through the tests marked floor:
+# those that touch them (not the benchmark harness's: they time providers, and cost most of this run)
 FLOOR := transformers==4.56.0 peft==0.17.0 tokenizers==0.22.0 huggingface-hub==0.35.3 datasets==3.6.0
 FLOOR_DIR := $(VENV)/floor
 test-floor: setup
 	@[ "$$(cat $(FLOOR_DIR)/.installed 2>/dev/null)" = "$(FLOOR)" ] || { rm -rf $(FLOOR_DIR) && \
 	  $(PIP) --no-deps --target $(FLOOR_DIR) $(FLOOR) && echo "$(FLOOR)" > $(FLOOR_DIR)/.installed; }
 	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/python -c "import transformers, peft; print('floor: transformers', transformers.__version__, 'peft', peft.__version__)"
-	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q -m "not slow" -k "not bench" tests/test_hot_path.py tests/test_methods.py tests/test_adapters.py tests/test_train.py
+	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q -m "floor and not slow" -k "not bench"
 
 # on a CUDA machine (experiments/gpu/run.sh says what it needs)
 gpu-check:

@@ -136,7 +136,7 @@ def analyze_command(args: list[str]) -> int:
               "intruder dimensions of a job's updated weight matrices (reft-lab analyze intruders --help)")
         return 0
     if args[0] not in ANALYSES:
-        raise ReftLabError(f"analyze: unknown analysis {args[0]!r}; allowed: {', '.join(ANALYSES)}")
+        raise ReftLabError(f"unknown analysis {args[0]!r}; allowed: {', '.join(ANALYSES)}")
     module, function = ANALYSES[args[0]].split(":")
     return getattr(importlib.import_module(module), function)(args[1:])
 

@@ -83,7 +83,7 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     run_id = config_fingerprint(settings)
 
     def evaluate_at(step: int) -> None:
-        if dist_info.main:
+        if dist_info.main and step not in _curve_points(out, run_id):  # saved: by the run this one resumed
             save_curve_point(out, run_id, curve_point(step, evaluate_tuned(tuned, suite, base_results), task.metric))
 
     try:

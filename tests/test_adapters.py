@@ -21,6 +21,8 @@ from reft_lab.adapters import (
 from reft_lab.errors import AdapterError
 from reft_lab.methods import attach
 
+pytestmark = pytest.mark.floor  # run again on the oldest transformers/peft (make test-floor)
+
 
 @pytest.mark.parametrize("row", METHOD_ROWS, ids=lambda r: r["name"])
 def test_save_load_identical_logits(tiny, batch, tmp_path, row):

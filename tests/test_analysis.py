@@ -35,6 +35,7 @@ def jobs(tmp_path_factory):
     return root
 
 
+@pytest.mark.floor  # peft's merge on the oldest peft
 def test_scaling_by_one_reproduces_the_jobs_own_evaluation(jobs):
     """The merged weights W₀ + ΔW behave as the job's LoRA model did."""
     assert main(["analyze", "intruders", str(jobs / "lora"), "--scale", "1"]) == 0

@@ -14,6 +14,8 @@ from reft_lab.methods import attach
 from reft_lab.training import response_loss
 from reft_lab.training.prefix_cache import PrefixCache
 
+pytestmark = pytest.mark.floor  # run again on the oldest transformers/peft (make test-floor)
+
 
 def _examples(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -9,6 +9,8 @@ from reft_lab.errors import ConfigError
 from reft_lab.methods import attach, methods
 from reft_lab.training import build_optimizer
 
+pytestmark = pytest.mark.floor  # run again on the oldest transformers/peft (make test-floor)
+
 METHOD_ROWS = [
     {"name": "loreft", "rank": 4, "layers": [1, 3], "positions": "f2+l2"},
     {"name": "direft", "rank": 4, "layers": "all", "positions": "f1+l1", "tied": True},

@@ -403,12 +403,20 @@ def test_help_texts(capsys):
     assert "reft-lab train is powered by Hydra" in capsys.readouterr().out
     said = {"generate": ["tokens generated per answer", "prompts generated at once", "the prompts, each one argument"],
             "bench": ["the training steps to time", "untimed steps per provider", "timed steps per provider",
-                      "peak training memory", "record and the CSV table"]}
+                      "peak training memory", "record and the CSV table"],
+            "analyze intruders": ["top singular vectors of each tuned matrix", "is an intruder",
+                                  "re-run the job's evaluation", "leaf names of the linear layers"]}
     for command, phrases in said.items():
         with pytest.raises(SystemExit):
-            main([command, "--help"])
+            main([*command.split(), "--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert all(phrase in out for phrase in phrases), (command, out)
+
+
+def test_analyze_lists_its_analyses_and_refuses_others(capsys):
+    assert main(["analyze"]) == 0 and "intruders <job dir>" in capsys.readouterr().out
+    assert main(["analyze", "spectra"]) == 2
+    assert capsys.readouterr().err.strip() == "reft-lab analyze: error: unknown analysis 'spectra'; allowed: intruders"
 
 
 def test_beam_search_and_several_sequences_are_edited(tiny):

@@ -37,10 +37,14 @@ def test_forgetting_over_steps_study_runs_and_reports(tmp_path):
 
 
 def test_intruder_dimensions_study_runs_analyses_and_reports(tmp_path):
-    report, jobs = _run_study("intruder_dimensions", tmp_path, "trainer.max_steps=2")
-    variants = sorted((j["method"], j["config"]["method"].get("rank"), j["config"]["method"].get("alpha"),
-                       j["config"]["method"].get("rslora")) for j in jobs)
-    assert variants == [("full", None, None, None), ("lora", 8, 8, False), ("lora", 8, 16, False), ("lora", 64, 16, True),
-                        ("lora", 64, 64, False), ("lora", 64, 128, False)]
-    assert len(list((tmp_path / "sweep").glob("*/intruders.json"))) == 6
+    from reft_lab.config import compose
+
+    sweep = compose(["experiment=intruder_dimensions"], with_hydra=True).hydra.sweeper.params
+    assert sweep.method_preset.split(",") == ["lora_r8_alpha8", "lora_r8_alpha16", "lora_r64_alpha64", "lora_r64_alpha128",
+                                              "rslora_r64_alpha16", "full"] and sweep.seed == "0,1,2"
+    # two of the six presets keep the smoke run short
+    report, jobs = _run_study("intruder_dimensions", tmp_path, "trainer.max_steps=2", "method_preset=rslora_r64_alpha16,full")
+    assert sorted((j["method"], j["config"]["method"].get("rank"), j["config"]["method"].get("rslora")) for j in jobs) == \
+        [("full", None, None), ("lora", 64, True)]
+    assert len(list((tmp_path / "sweep").glob("*/intruders.json"))) == 2
     assert "## Intruder dimensions" in report and (tmp_path / "out" / "intruders.png").stat().st_size > 1000

@@ -23,6 +23,7 @@ def _metrics(root: Path) -> list[dict]:
     return [read_metrics(p) for p in sorted(root.rglob("metrics.json"))]
 
 
+@pytest.mark.floor
 def test_two_job_multirun_and_report(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     assert main(["train", "-m", "method=loreft,lora", f"hydra.sweep.dir={sweep}", "logger=csv", *SMALL]) == 0
@@ -53,6 +54,7 @@ def test_two_job_multirun_and_report(tmp_path, capsys):
     assert (sweep / "report.csv").read_text().count("\n") == 3
 
 
+@pytest.mark.floor
 def test_evaluation_during_training_records_a_curve_and_leaves_the_result_alone(tmp_path):
     plain, curved = tmp_path / "plain", tmp_path / "curved"
     args = [*SMALL, "method=lora", "trainer.max_steps=4", "logger=none"]
@@ -68,6 +70,26 @@ def test_evaluation_during_training_records_a_curve_and_leaves_the_result_alone(
     assert m["final_loss"] == p["final_loss"] and m["retention"] == p["retention"]
     assert (curved / "adapter" / "adapter_model.safetensors").read_bytes() == \
         (plain / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_run_killed_during_an_evaluation_evaluates_that_step_on_resume(tmp_path, monkeypatch):
+    import reft_lab.recipe as recipe
+
+    args = [*SMALL, "method=lora", "trainer.max_steps=4", "trainer.eval_at=[2]", "trainer.checkpoint_every=2", "logger=none"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["train", f"hydra.run.dir={whole}", *args]) == 0
+    real = recipe.curve_point
+
+    def dies(*a, **k):
+        raise RuntimeError("killed while evaluating")
+
+    monkeypatch.setattr(recipe, "curve_point", dies)
+    assert main(["train", f"hydra.run.dir={killed}", *args]) != 0  # after the step-2 checkpoint, in its evaluation
+    assert (killed / "checkpoints" / "step_00000002").is_dir() and not (killed / "curve.json").exists()
+    monkeypatch.setattr(recipe, "curve_point", real)
+    assert main(["train", f"hydra.run.dir={killed}", *args]) == 0  # resumes at step 2, evaluates it first
+    m, w = read_metrics(killed / "metrics.json"), read_metrics(whole / "metrics.json")
+    assert [p["step"] for p in m["curve"]] == [2, 4] and m["curve"] == w["curve"]
 
 
 def test_a_resumed_run_keeps_the_curve_points_of_its_own_configuration(tmp_path):
@@ -96,6 +118,7 @@ def test_every_experiment_smoke_runs(tmp_path):
 GOLDEN_LOSSES = {"loreft": [5.631548, 5.612919, 5.615304], "lora": [5.642498, 5.622988, 5.623750]}
 
 
+@pytest.mark.floor
 @pytest.mark.parametrize("method", sorted(GOLDEN_LOSSES))
 def test_golden_losses(method):
     settings = RunSettings.from_cfg(compose([*SMALL, f"method={method}"]))
@@ -126,6 +149,7 @@ def test_wandb_offline_writes_one_run_per_job(tmp_path, monkeypatch):
         assert len(runs) == 1, f"{job}: {runs}"
 
 
+@pytest.mark.floor
 def test_untouched_model_retains_everything(tmp_path):
     run = tmp_path / "none"
     assert main(["train", f"hydra.run.dir={run}", "method=none", "logger=none", *SMALL]) == 0
@@ -218,6 +242,7 @@ def test_failed_job_does_not_stop_the_sweep(tmp_path):
     assert statuses == [("lora", "ok"), ("lora", "ok"), ("loreft", "failed"), ("loreft", "ok")]
 
 
+@pytest.mark.floor
 def test_seeded_runs_are_deterministic(tmp_path):
     numbers = []
     for name in ("a", "b"):

@@ -221,8 +221,9 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
 
     bar = tqdm(initial=progress.step, total=t.max_steps, desc=f"train {tuned.config.name}", unit="step",
                dynamic_ncols=True, disable=not dist_info.main)
-    # segments end at each evaluation step, outside the hot path (its swapped forwards are for training only)
-    ends = sorted({s for s in t.eval_at if s > progress.step} | {t.max_steps}) if on_eval else [t.max_steps]
+    # segments end at each evaluation step, outside the hot path (its swapped forwards are for training
+    # only); a run resumed at an evaluation step evaluates first (on_eval skips a point already saved)
+    ends = sorted({s for s in t.eval_at if s >= progress.step} | {t.max_steps}) if on_eval else [t.max_steps]
     with stop_signals() as (received, previous):
         for end in ends:
             with hot_path(tuned, t):
