@@ -10,11 +10,25 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (no window for other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename over ``path`` (same directory, same filesystem)."""
+    """Call ``write(tmp_path)``, fsync, then rename over ``path`` (same directory, same filesystem).
+    The file gets the permissions of any new file (0666 less the umask), not mkstemp's owner-only 0600,
+    so results are as readable as the rest of the user's files."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     try:
         write(tmp)

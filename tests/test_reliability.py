@@ -440,3 +440,16 @@ def test_beam_search_and_several_sequences_are_edited(tiny):
     base_top = loaded.model(input_ids=ids, attention_mask=mask).logits[:, -1].topk(k).indices  # hooks skip: no positions set
     assert all(set(b.tolist()) == set(e.tolist()) for b, e in zip(beams, edited_top))
     assert any(set(b.tolist()) != set(e.tolist()) for b, e in zip(beams, base_top))
+
+
+def test_atomic_writes_get_the_permissions_of_a_new_file(tmp_path):
+    import os
+
+    from reft_lab.atomic import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "report.md", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
