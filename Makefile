@@ -21,8 +21,10 @@ quickstart: setup
 	$(VENV)/bin/reft-lab train -m experiment=quickstart
 	$(VENV)/bin/reft-lab report "$$(ls -d multirun/quickstart/*/ | tail -n 1)"
 
+# one pytest-xdist worker per core, each pinned to its core (tests/conftest.py): the tests are
+# mostly single-threaded Python, so workers beat torch threads
 test: setup
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 	$(MAKE) test-floor
 
 # the oldest transformers and peft pyproject allows (with the hub, tokenizers and datasets they
@@ -34,7 +36,7 @@ test-floor: setup
 	@[ "$$(cat $(FLOOR_DIR)/.installed 2>/dev/null)" = "$(FLOOR)" ] || { rm -rf $(FLOOR_DIR) && \
 	  $(PIP) --no-deps --target $(FLOOR_DIR) $(FLOOR) && echo "$(FLOOR)" > $(FLOOR_DIR)/.installed; }
 	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/python -c "import transformers, peft; print('floor: transformers', transformers.__version__, 'peft', peft.__version__)"
-	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q -m "floor and not slow" -k "not bench"
+	PYTHONPATH=$(FLOOR_DIR) $(VENV)/bin/pytest -q -n auto -m "floor and not slow" -k "not bench"
 
 # on a CUDA machine (experiments/gpu/run.sh says what it needs)
 gpu-check:
