@@ -197,6 +197,7 @@ def test_report_plots_a_rank_sweep(tmp_path):
     assert main(["train", "-m", "method.rank=1,2,4", f"hydra.sweep.dir={sweep}", *SMALL]) == 0
     assert main(["report", str(sweep)]) == 0
     assert (sweep / "sweep_json_answer_loreft_rank.png").stat().st_size > 1000
+    assert (sweep / "frontier.png").stat().st_size > 1000  # three sizes of one method on one task
 
 
 def test_one_job_on_two_processes_saves_once(tmp_path):

@@ -1,6 +1,7 @@
 """``reft-lab report <dir>...``: gather metrics.json files into report.md, report.csv, pareto.png,
-scores.png (every task score per group), curves.png (runs evaluated during training) and, for a
-sweep over one method key, sweep plots.
+scores.png (every task score per group), frontier.png (task gain against trainable parameters, when
+the groups differ in size), curves.png (runs evaluated during training), intruders.png (jobs
+analysed by ``reft-lab analyze intruders``) and, for a sweep over one method key, sweep plots.
 
 Jobs whose configs differ only by seed form one group (mean ± 95% CI over seeds). Failed jobs
 (status "failed") and missing ones (a job directory without metrics.json) are listed as such.
@@ -19,7 +20,15 @@ from reft_lab.atomic import atomic_write_text, check_writable
 from reft_lab.errors import ReftLabError
 from reft_lab.evaluation.retention import RETENTION
 from reft_lab.metrics import METRICS_FILE, STATUSES, lookup, read_metrics
-from reft_lab.report.plots import curve_plot, group_score_keys, intruder_plot, pareto_plot, score_plot, sweep_plots
+from reft_lab.report.plots import (
+    curve_plot,
+    frontier_plot,
+    group_score_keys,
+    intruder_plot,
+    pareto_plot,
+    score_plot,
+    sweep_plots,
+)
 from reft_lab.report.stats import differs, mean_ci
 
 RUN_COLUMNS = ["method", "task", "model", "seed", "status", "trainable_params", "trainable_pct", "adapter_bytes",
@@ -304,7 +313,8 @@ def report_main(args: list[str]) -> int:
     plotted = pareto_plot(out / "pareto.png", groups)
     extra = [*sweep_plots(out, groups), *([out / "scores.png"] if score_plot(out / "scores.png", groups) else []),
              *([out / "curves.png"] if curve_plot(out / "curves.png", groups, curve_keys()) else []),
-             *([out / "intruders.png"] if intruder_plot(out / "intruders.png", groups) else [])]
+             *([out / "intruders.png"] if intruder_plot(out / "intruders.png", groups) else []),
+             *([out / "frontier.png"] if frontier_plot(out / "frontier.png", groups) else [])]
     print_table(groups, rows, missing)
     if groups and not plotted:
         print("pareto.png has no points: no group has a knowledge-retention value (the base answered no probe "

@@ -1,5 +1,6 @@
 """The report's figures: task gain against retention (Pareto), task scores, a sweep over one method
-key, and each metric over training steps (the runs' curves). Each writes one PNG atomically."""
+key, each metric over training steps (the runs' curves), intruder dimensions, and task gain against
+trainable parameters (the frontier). Each writes one PNG atomically."""
 
 from __future__ import annotations
 
@@ -200,6 +201,39 @@ def intruder_plot(path: Path, groups: list[dict]) -> bool:
     right.set_xticks([j * (len(analysed) + 1) + (len(analysed) - 1) / 2 for j in range(len(measures))], [n for _, n in measures])
     right.set_title("Retention as trained (plain) and with intruders scaled (hatched)", fontsize=10)
     right.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def frontier_plot(path: Path, groups: list[dict]) -> bool:
+    """Task gain against trainable parameters (log axis), a panel per task, a point per group with
+    its 95% CI: the parameter-efficiency frontier. False (nothing drawn) unless some task has groups
+    of different sizes."""
+    by_task = defaultdict(list)
+    for g in groups:
+        if g["stats"]["task_gain"][0] is not None:
+            by_task[g["task"]].append(g)
+    tasks = sorted(t for t, same in by_task.items() if len({g["trainable_params"] for g in same}) > 1)
+    if not tasks:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.8), dpi=120, squeeze=False)
+    methods = sorted({g["method"] for t in tasks for g in by_task[t]})
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, task in zip(axes.flat, tasks):
+        for g in by_task[task]:
+            y, ye = g["stats"]["task_gain"]
+            ax.errorbar([g["trainable_params"]], [y], yerr=ye, fmt="o", color=colours[g["method"]], capsize=3)
+            ax.annotate(g["label"], (g["trainable_params"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel("task gain (after − before), mean ± 95% CI")
+        ax.set_title(f"Parameter efficiency on {task}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        for m in methods:
+            ax.scatter([], [], color=colours[m], label=m)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
     return True
