@@ -243,9 +243,10 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
                 on_eval(end)
                 tuned.train()
                 bar.unpause()  # the bar's rate is training's, not the evaluation's
-                start += time.perf_counter() - paused  # evaluation time is not training time
+                evaluating_s = time.perf_counter() - paused  # not training time: the clocks skip it
+                start += evaluating_s
                 if warm is not None:
-                    warm = (warm[0] + time.perf_counter() - paused, warm[1])
+                    warm = (warm[0] + evaluating_s, warm[1])
                 distributed.barrier(dist_info)
     bar.close()
     tuned.eval()
