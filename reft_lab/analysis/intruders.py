@@ -40,11 +40,13 @@ class MatrixIntruders:
     max_cosine: list[float]  # per top-k singular vector: its largest |cos| with any of W₀'s
 
 
-def intruders_of(w0: torch.Tensor, w: torch.Tensor, k: int, epsilon: float) -> tuple[list[int], list[float], torch.Tensor]:
+def intruders_of(w0: torch.Tensor, w: torch.Tensor, k: int, epsilon: float) -> tuple[list[int], list[float], tuple]:
     """The top-``k`` left singular vectors of ``w`` whose largest |cosine| with every left singular
-    vector of ``w0`` is below ``epsilon``; also each one's largest |cosine| and the SVD of ``w``."""
-    u0 = torch.linalg.svd(w0.double(), full_matrices=False)[0]
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    vector of ``w0`` is below ``epsilon``; also each one's largest |cosine| and the SVD of ``w``.
+    Computed where ``w`` lives: float64 on the CPU, float32 on a GPU (cosines to ~1e-6, and fast)."""
+    dtype = torch.float64 if w.device.type == "cpu" else torch.float32
+    u0 = torch.linalg.svd(w0.to(w.device, dtype), full_matrices=False)[0]
+    u, s, vh = torch.linalg.svd(w.to(dtype), full_matrices=False)
     top = min(k, u.shape[1])
     best = (u[:, :top].T @ u0).abs().amax(dim=1)  # columns are unit vectors: the dot product is the cosine
     found = [i for i in range(top) if best[i] < epsilon]
@@ -71,8 +73,9 @@ def analysed_matrices(model: nn.Module, method: str, adapted: list[str], modules
 
 
 def _weights(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """Copies of these weights on the CPU, in their own dtype (W₀ for a whole 7B fits in host memory)."""
     modules = dict(model.named_modules())
-    return {name: modules[name].weight.detach().to("cpu", torch.float64).clone() for name in names}
+    return {name: modules[name].weight.detach().to("cpu", copy=True) for name in names}
 
 
 def analyse(job: Path, k: int, epsilon: float, scale: float | None, modules: list[str] | None) -> dict:
@@ -114,33 +117,31 @@ def analyse(job: Path, k: int, epsilon: float, scale: float | None, modules: lis
     else:  # peft leaves W₀ in each adapted layer's base_layer until the update is merged into it
         peft_model = load_adapter(model, job / "adapter", base_name=loaded.name).model
         targets = peft_model.peft_config["default"].target_modules
-        w0 = {name: module.base_layer.weight.detach().to("cpu", torch.float64).clone()
+        w0 = {name: module.base_layer.weight.detach().to("cpu", copy=True)
               for name, module in peft_model.get_base_model().named_modules() if isinstance(getattr(module, "base_layer", None), nn.Linear)}
         model = peft_model.merge_and_unload()  # the plain model, W₀ + ΔW in each adapted layer
         names = analysed_matrices(model, method, sorted([targets] if isinstance(targets, str) else targets), modules)
         unadapted = [n for n in names if n not in w0]
         if unadapted:
             raise ReftLabError(f"--modules: {unadapted[0]} was not updated by this {method} job (its targets: {sorted(targets)})")
-    tuned_weights = _weights(model, names)
-    rows, decompositions = [], {}
+    modules_by_name = dict(model.named_modules())
+    rows, intruder_parts = [], {}  # per matrix: (σᵢ, uᵢ, vᵢ) of each intruder, all that scaling needs
     for name in names:
-        found, best, svd = intruders_of(w0[name], tuned_weights[name], k, epsilon)
-        rows.append(MatrixIntruders(name, list(tuned_weights[name].shape), found, best))
-        decompositions[name] = svd
+        weight = modules_by_name[name].weight.detach()
+        found, best, (u, s, vh) = intruders_of(w0.pop(name), weight, k, epsilon)
+        rows.append(MatrixIntruders(name, list(weight.shape), found, best))
+        intruder_parts[name] = [(s[i], u[:, i].clone(), vh[i].clone()) for i in found]
     result = {"job": str(job), "method": method, "k": k, "epsilon": epsilon, "side": "left",
               "matrices": len(rows), "intruders": sum(len(r.intruders) for r in rows),
               "per_matrix": [r.__dict__ for r in rows], "scale": None,
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result["intruders_per_matrix"] = result["intruders"] / len(rows)
     if scale is not None:
-        modules_by_name = dict(model.named_modules())
         with torch.no_grad():
-            for row in rows:
-                u, s, vh = decompositions[row.name]
-                weight = modules_by_name[row.name].weight
-                for i in row.intruders:
-                    update = (scale - 1) * s[i] * torch.outer(u[:, i], vh[i])
-                    weight += update.to(weight.dtype).to(weight.device)
+            for name, parts in intruder_parts.items():
+                weight = modules_by_name[name].weight
+                for sigma, u_i, v_i in parts:
+                    weight += ((scale - 1) * sigma * torch.outer(u_i, v_i)).to(weight.device, weight.dtype)
         scaled = evaluate_tuned(TunedModel(model, NoneConfig()), suite, base_results)
         result["scale"] = {"factor": scale,
                            "before": {"task_after": metrics["task_after"],
