@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from reft_lab import __version__, distributed
 from reft_lab.accounting import fingerprint, param_report
-from reft_lab.atomic import atomic_write_json
 from reft_lab.adapters import save_adapter
+from reft_lab.atomic import atomic_write_json
 from reft_lab.data.batching import PromptEncoder, encode_examples
 from reft_lab.errors import ReftLabError, config_error
 from reft_lab.evaluation.suite import Suite, evaluate_base, evaluate_tuned

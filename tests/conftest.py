@@ -9,15 +9,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # under pytest-xdist (make test runs -n <cores>) each worker gets a core of its own: the jobs it runs
 # read their thread count from the affinity (reft_lab.sweep.threads_per_job), and so do the
 # processes it starts, so workers never oversubscribe the cores
-if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw") and hasattr(os, "sched_setaffinity"):
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if XDIST_WORKER.startswith("gw") and hasattr(os, "sched_setaffinity"):
     _cores = sorted(os.sched_getaffinity(0))
-    _worker = int(os.environ["PYTEST_XDIST_WORKER"][2:])
+    _worker = int(XDIST_WORKER[2:])
     os.sched_setaffinity(0, {_cores[_worker % len(_cores)]})
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+if XDIST_WORKER.startswith("gw"):
     torch.set_num_threads(1)
 
 from reft_lab.models import ModelConfig, load_model  # noqa: E402

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import DEVICE
 
 from reft_lab.analysis.intruders import intruders_of
 from reft_lab.cli import main
@@ -15,15 +16,15 @@ SMALL = ["model=tiny", "trainer=smoke", "retention.knowledge_probe=4", "retentio
 
 def test_a_new_dominant_direction_is_an_intruder_and_a_rescaled_matrix_has_none():
     torch.manual_seed(0)
-    w0 = torch.randn(64, 32, dtype=torch.float64)  # its left singular vectors span 32 of the 64 output dims
+    w0 = torch.randn(64, 32, dtype=torch.float64, device=DEVICE)  # its left singular vectors span 32 of the 64 output dims
     assert intruders_of(w0, 1.5 * w0, k=10, epsilon=0.5)[0] == []  # same singular vectors
-    direction = torch.randn(64, dtype=torch.float64)
+    direction = torch.randn(64, dtype=torch.float64, device=DEVICE)
     q = torch.linalg.qr(w0)[0]
     direction -= q @ (q.T @ direction)  # outside W₀'s output space: orthogonal to every one of its singular vectors
     direction /= direction.norm()
-    w = w0 + 100 * torch.outer(direction, torch.randn(32, dtype=torch.float64))  # far above W₀'s spectrum
+    w = w0 + 100 * torch.outer(direction, torch.randn(32, dtype=torch.float64, device=DEVICE))  # far above W₀'s spectrum
     found, best, (u, _, _) = intruders_of(w0, w, k=10, epsilon=0.5)
-    assert found == [0] and best[0] < 0.05 and abs(float(u[:, 0] @ direction)) > 0.99
+    assert found == [0] and best[0] < 0.05 and abs(float(u[:, 0].to(direction) @ direction)) > 0.99
     assert all(b >= best[0] for b in best)
 
 

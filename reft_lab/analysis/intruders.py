@@ -59,14 +59,9 @@ def analysed_matrices(model: nn.Module, method: str, adapted: list[str], modules
     from reft_lab.models.layers import decoder_layers
 
     inside = {id(m) for layer in decoder_layers(model) for m in layer.modules()}
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or id(module) not in inside:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        wanted = modules if modules else (adapted if method in ("lora", "dora") else None)
-        if wanted is None or leaf in wanted:
-            names.append(name)
+    wanted = modules or (adapted if method in ("lora", "dora") else None)  # None: every linear layer
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and id(module) in inside and (wanted is None or name.rsplit(".", 1)[-1] in wanted)]
     if not names:
         raise ReftLabError(f"--modules {modules}: no linear layer of the decoder has one of these names")
     return names

@@ -166,44 +166,46 @@ def curve_stats(members: list[dict]) -> dict[int, dict[str, tuple]]:
     return {step: {key: mean_ci(v) for key, v in values.items()} for step, values in sorted(by_step.items())}
 
 
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(cells) + " |" for cells in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _stat_cells(stats: dict, keys: list[str]) -> list[str]:
+    return [_fmt(*stats.get(k, (None, None))) for k in keys]
+
+
 def _curve_table(groups: list[dict]) -> str:
     curved = [g for g in groups if len(g["curve"]) > 1]
     if not curved:
         return ""
-    head = ["group", "task", "n", "step"] + [name for _, name in curve_keys()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in curved:
-        for step, stats in g["curve"].items():
-            lines.append("| " + " | ".join([g["label"], g["task"], str(g["n"]), str(step)]
-                                           + [_fmt(*stats.get(k, (None, None))) for k, _ in curve_keys()]) + " |")
+    keys = curve_keys()
+    rows = [[g["label"], g["task"], str(g["n"]), str(step), *_stat_cells(stats, [k for k, _ in keys])]
+            for g in curved for step, stats in g["curve"].items()]
     return ("\n## Over training steps\n\nThe whole evaluation at each step of `trainer.eval_at` and at the end "
-            "(mean ± 95% CI over seeds; curves.png).\n\n" + "\n".join(lines) + "\n")
+            "(mean ± 95% CI over seeds; curves.png).\n\n" + _table(["group", "task", "n", "step", *(n for _, n in keys)], rows))
 
 
 def _intruder_table(groups: list[dict]) -> str:
     analysed = [g for g in groups if "intruders.intruders_per_matrix" in g["stats"]]
     if not analysed:
         return ""
-    keys = [(key, name) for key, name in summary() if key.startswith("retention.") or key == "task_after"] + intruder_keys()
-    head = ["group", "task", "n"] + [name for _, name in keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in analysed:
-        lines.append("| " + " | ".join([g["label"], g["task"], str(g["n"])] + [_fmt(*g["stats"].get(k, (None, None))) for k, _ in keys]) + " |")
+    keys = curve_keys() + intruder_keys()  # as trained, then the intruder columns
+    rows = [[g["label"], g["task"], str(g["n"]), *_stat_cells(g["stats"], [k for k, _ in keys])] for g in analysed]
     return ("\n## Intruder dimensions\n\n`reft-lab analyze intruders`: top singular vectors of each updated matrix that "
             "align with no pre-trained one (intruders.json beside each job), and the job's metrics with the intruders' "
-            "singular values scaled (mean ± 95% CI over seeds; intruders.png).\n\n" + "\n".join(lines) + "\n")
+            "singular values scaled (mean ± 95% CI over seeds; intruders.png).\n\n"
+            + _table(["group", "task", "n", *(n for _, n in keys)], rows))
 
 
 def _score_table(groups: list[dict]) -> str:
     keys = group_score_keys(groups)
     if not keys:
         return ""
-    head = ["group", "task", "n"] + [k.rsplit(".", 1)[1] for k in keys]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in groups:
-        lines.append("| " + " | ".join([g["label"], g["task"], str(g["n"])]
-                                       + [_fmt(*g["stats"].get(k, (None, None))) for k in keys]) + " |")
-    return "\n## Task scores after training\n\nEvery score the task reports (mean ± 95% CI over seeds).\n\n" + "\n".join(lines) + "\n"
+    rows = [[g["label"], g["task"], str(g["n"]), *_stat_cells(g["stats"], keys)] for g in groups]
+    return ("\n## Task scores after training\n\nEvery score the task reports (mean ± 95% CI over seeds).\n\n"
+            + _table(["group", "task", "n", *(k.rsplit(".", 1)[1] for k in keys)], rows))
 
 
 def _compare_to_best(groups: list[dict]) -> None:
@@ -247,12 +249,10 @@ def _fmt(value, ci=None, digits=3) -> str:
 
 def markdown(groups: list[dict], rows: list[dict], missing: list[str]) -> str:
     head = ["method", "task", "n", "trainable params", "% of base", "adapter KiB"] + [name for _, name in summary()] + ["gain vs best"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for g in groups:
-        cells = [g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
-                 f"{g['adapter_bytes'] / 1024:.1f}"] + [_fmt(*g["stats"][key]) for key, _ in summary()] + [g.get("vs_best", "—")]
-        lines.append("| " + " | ".join(cells) + " |")
-    text = "# reft_lab report\n\n" + "\n".join(lines) + "\n"
+    cells = [[g["label"], g["task"], str(g["n"]), f"{g['trainable_params']:,}", f"{g['trainable_pct']:.4f}",
+              f"{g['adapter_bytes'] / 1024:.1f}", *_stat_cells(g["stats"], [k for k, _ in summary()]), g.get("vs_best", "—")]
+             for g in groups]
+    text = "# reft_lab report\n\n" + _table(head, cells)
     meanings = "; ".join(f"{m.label} = {m.meaning}" for m in RETENTION if m.label)
     text += ("\nMeans over seeds ± 95% t-interval half-width (shown when n ≥ 2). Task gain = task after − task "
              f"before on the held-out test split; {meanings}. Gain vs best: the group with the highest mean "

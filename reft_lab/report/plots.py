@@ -21,6 +21,17 @@ def _pyplot():
     return plt
 
 
+def _method_colours(plt, groups: list[dict]) -> dict:
+    """One colour per method, the same in every figure that colours by method."""
+    return {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(sorted({g["method"] for g in groups}))}
+
+
+def _method_legend(ax, colours: dict, **kwargs) -> None:
+    for method, colour in colours.items():
+        ax.scatter([], [], color=colour, label=method)
+    ax.legend(fontsize=8, **kwargs)
+
+
 def _save(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     _pyplot().close(fig)
@@ -58,8 +69,7 @@ def pareto_plot(path: Path, groups: list[dict]) -> int:
     """Task gain against knowledge retention, one point per group; returns how many were plotted."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
-    methods = sorted({g["method"] for g in groups})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colours = _method_colours(plt, groups)
     for g in groups:
         x, xe = g["stats"]["retention.knowledge_retention.after"]
         y, ye = g["stats"]["task_gain"]
@@ -77,8 +87,6 @@ def pareto_plot(path: Path, groups: list[dict]) -> int:
         ax.text(0.5, 0.5, "no group has a knowledge-retention value:\nthe base answered no probe question correctly\n"
                 "(e.g. a tiny random model), so there is nothing to retain", ha="center", va="center",
                 transform=ax.transAxes, fontsize=9, color="dimgrey")
-    for m in methods:
-        ax.scatter([], [], color=colours[m], label=m)
     ax.set_xlim(-0.02, 1.05)
     ax.margins(y=0.2)
     ax.axhline(0, color="grey", linewidth=0.8)
@@ -87,7 +95,7 @@ def pareto_plot(path: Path, groups: list[dict]) -> int:
     ax.set_title("Task gain vs retention (marker size ∝ log trainable params)")
     ax.grid(alpha=0.3)
     if plotted:
-        ax.legend(loc="best", fontsize=8)
+        _method_legend(ax, colours, loc="best")
     fig.tight_layout()
     _save(fig, path)
     return len(plotted)
@@ -219,8 +227,7 @@ def frontier_plot(path: Path, groups: list[dict]) -> bool:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.8), dpi=120, squeeze=False)
-    methods = sorted({g["method"] for t in tasks for g in by_task[t]})
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colours = _method_colours(plt, [g for t in tasks for g in by_task[t]])
     for ax, task in zip(axes.flat, tasks):
         for g in by_task[task]:
             y, ye = g["stats"]["task_gain"]
@@ -231,9 +238,7 @@ def frontier_plot(path: Path, groups: list[dict]) -> bool:
         ax.set_ylabel("task gain (after − before), mean ± 95% CI")
         ax.set_title(f"Parameter efficiency on {task}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        for m in methods:
-            ax.scatter([], [], color=colours[m], label=m)
-        ax.legend(fontsize=8)
+        _method_legend(ax, colours)
     fig.tight_layout()
     _save(fig, path)
     return True
