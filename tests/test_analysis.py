@@ -39,15 +39,25 @@ def jobs(tmp_path_factory):
 @pytest.mark.floor  # peft's merge on the oldest peft
 def test_scaling_by_one_reproduces_the_jobs_own_evaluation(jobs):
     """The merged weights W₀ + ΔW behave as the job's LoRA model did."""
-    assert main(["analyze", "intruders", str(jobs / "lora"), "--scale", "1"]) == 0
+    # ε = 1: every top vector short of perfect alignment is an intruder, so the evaluation re-runs
+    assert main(["analyze", "intruders", str(jobs / "lora"), "--epsilon", "1", "--scale", "1"]) == 0
     result = json.loads((jobs / "lora" / "intruders.json").read_text())
     metrics = read_metrics(jobs / "lora" / "metrics.json")
     assert result["matrices"] == 2 * 4  # q_proj and v_proj (peft's default) in each of 4 layers
+    assert result["intruders"] > 0 and result["scale"]["evaluated"]
     after = result["scale"]["after"]
     assert after["task_after"] == metrics["task_after"]
     for name, value in metrics["retention"].items():  # None: no value on a tiny random model (nothing known)
         expected = value["after"] if value["after"] is None else pytest.approx(value["after"], rel=1e-3, abs=1e-6)
         assert after["retention"][name] == expected, name
+
+
+def test_a_job_without_intruders_keeps_its_own_evaluation(jobs, capsys):
+    assert main(["analyze", "intruders", str(jobs / "lora"), "--epsilon", "1e-9", "--scale", "0"]) == 0
+    result = json.loads((jobs / "lora" / "intruders.json").read_text())
+    assert result["intruders"] == 0 and not result["scale"]["evaluated"]
+    assert result["scale"]["after"] == result["scale"]["before"]
+    assert "nothing to scale (not re-evaluated)" in capsys.readouterr().out
 
 
 def test_scaling_every_top_direction_away_changes_the_model(jobs):

@@ -5,7 +5,8 @@ vectors of a tuned matrix W = W₀ + ΔW, those whose largest cosine similarity 
 vector of the pre-trained W₀ is below ``ε``: new high-ranking directions that W₀ does not have.
 Left singular vectors (the output space) are compared. ``--scale λ`` multiplies the intruders'
 singular values by λ (W ← W + (λ − 1)·σᵢuᵢvᵢᵀ for each intruder i) and re-runs the job's whole
-evaluation, so retention with and without them can be compared.
+evaluation, so retention with and without them can be compared (a job with no intruder keeps its
+weights, so its own evaluation stands, marked ``"evaluated": false``).
 
 A weight update is needed: LoRA and DoRA (merged into the weights) and full fine-tuning. ReFT
 methods leave every weight as it was (the job's base fingerprint proves it), so there is nothing
@@ -132,16 +133,18 @@ def analyse(job: Path, k: int, epsilon: float, scale: float | None, modules: lis
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result["intruders_per_matrix"] = result["intruders"] / len(rows)
     if scale is not None:
+        before = {"task_after": metrics["task_after"], "retention": {n: v["after"] for n, v in metrics["retention"].items()}}
+        result["scale"] = {"factor": scale, "before": before, "evaluated": result["intruders"] > 0}
+        if not result["intruders"]:  # nothing to scale: the weights are the job's own, so is its evaluation
+            result["scale"]["after"] = before
+            return result
         with torch.no_grad():
             for name, parts in intruder_parts.items():
                 weight = modules_by_name[name].weight
                 for sigma, u_i, v_i in parts:
                     weight += ((scale - 1) * sigma * torch.outer(u_i, v_i)).to(weight.device, weight.dtype)
         scaled = evaluate_tuned(TunedModel(model, NoneConfig()), suite, base_results)
-        result["scale"] = {"factor": scale,
-                           "before": {"task_after": metrics["task_after"],
-                                      "retention": {n: v["after"] for n, v in metrics["retention"].items()}},
-                           "after": curve_point(metrics["steps"], scaled, metrics["task_metric"])}
+        result["scale"]["after"] = curve_point(metrics["steps"], scaled, metrics["task_metric"])
     return result
 
 
@@ -150,6 +153,9 @@ def print_summary(result: dict) -> None:
           f"matrices (top {result['k']} singular vectors, ε = {result['epsilon']})")
     if result["scale"]:
         before, after = result["scale"]["before"], result["scale"]["after"]
+        if not result["scale"]["evaluated"]:
+            print(f"  intruders' singular values × {result['scale']['factor']}: no intruder, nothing to scale (not re-evaluated)")
+            return
         print(f"  intruders' singular values × {result['scale']['factor']}: task {before['task_after']:.3f} → {after['task_after']:.3f}")
         for name, value in after["retention"].items():
             was = before["retention"].get(name)
