@@ -7,6 +7,7 @@ from conftest import TINY_ARCHS
 from reft_lab.accounting import fingerprint, param_report
 from reft_lab.errors import ConfigError
 from reft_lab.methods import attach, methods
+from reft_lab.methods.reft import ReftConfig
 from reft_lab.training import build_optimizer
 
 pytestmark = pytest.mark.floor  # run again on the oldest transformers/peft (make test-floor)
@@ -102,6 +103,17 @@ def test_reft_accounting_formula(tiny):
 
 
 @pytest.mark.parametrize(
+    "layers,n_layers,expected",
+    [
+        ("spread:4", 30, [3, 11, 18, 26]), ("spread:4", 4, [0, 1, 2, 3]), ("early:2", 30, [2, 7]),
+        ("middle:2", 30, [12, 17]), ("late:2", 30, [22, 27]), ("late:1", 32, [26]), ("all", 3, [0, 1, 2]),
+    ],
+)
+def test_layer_spans_spread_evenly_over_any_depth(layers, n_layers, expected):
+    assert ReftConfig(layers=layers).layer_indices(n_layers) == expected
+
+
+@pytest.mark.parametrize(
     "row,key",
     [
         ({"name": "loreft", "rank": 65}, "method.rank"),
@@ -109,6 +121,9 @@ def test_reft_accounting_formula(tiny):
         ({"name": "loreft", "layers": [4]}, "method.layers"),
         ({"name": "loreft", "layers": [-1]}, "method.layers"),
         ({"name": "loreft", "layers": "some"}, "method.layers"),
+        ({"name": "loreft", "layers": "late:0"}, "method.layers"),
+        ({"name": "loreft", "layers": "late:3"}, "method.layers"),  # the tiny model's last third holds 1 layer
+        ({"name": "loreft", "layers": "top:2"}, "method.layers"),
         ({"name": "loreft", "positions": "m3"}, "method.positions"),
         ({"name": "loreft", "dropout": 1.5}, "method.dropout"),
         ({"name": "loreft", "bogus": 1}, "method.bogus"),

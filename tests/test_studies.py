@@ -1,5 +1,6 @@
 """Each study's command smoke-runs on the tiny model (the real runs are not part of CI)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -48,3 +49,34 @@ def test_intruder_dimensions_study_runs_analyses_and_reports(tmp_path):
         [("full", None, None), ("lora", 64, True)]
     assert len(list((tmp_path / "sweep").glob("*/intruders.json"))) == 2
     assert "## Intruder dimensions" in report and (tmp_path / "out" / "intruders.png").stat().st_size > 1000
+
+
+def test_param_efficiency_frontier_study_runs_reports_and_states_the_ratio(tmp_path):
+    from reft_lab.config import compose
+
+    sweep = compose(["experiment=param_efficiency_frontier"], with_hydra=True).hydra.sweeper.params
+    assert len(sweep.method_preset.split(",")) == 15 and sweep.task == "json_answer,arithmetic" and sweep.seed == "0,1,2"
+    # the reference and one LoReFT under a tenth of its parameters, on one task, keep the smoke run short
+    report, jobs = _run_study("param_efficiency_frontier", tmp_path, "task=json_answer",
+                              "method_preset=loreft_r1_4layers,lora_r8_alpha16")
+    assert sorted(j["method"] for j in jobs) == ["lora", "loreft"]
+    # the tiny model's LoRA r8 has 7,168 parameters; LoReFT r1 on its 4 layers 1,032, over a tenth of them
+    assert (tmp_path / "out" / "ratio.md").read_text().splitlines()[2] == "| json_answer | 7,168 | 0.000 ± 0.000 | no LoReFT group ≤ 717 | | |"
+    assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
+
+
+def _group(method, params, gains, **method_cfg):
+    return {"method": method, "task": "json_answer", "trainable_params": params, "label": f"{method} {params}",
+            "config": {"method": method_cfg}, "values": {"task_gain": gains}}
+
+
+def test_frontier_ratio_picks_lora_r8_and_the_best_loreft_under_a_tenth():
+    spec = importlib.util.spec_from_file_location("ratio", ROOT / "experiments" / "param_efficiency_frontier" / "ratio.py")
+    ratio = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ratio)
+    groups = [_group("lora", 460_800, [0.6, 0.6, 0.6], rank=8, target_modules=None),
+              _group("lora", 2_442_240, [0.9, 0.9, 0.9], rank=8, target_modules=["q_proj"]),  # not the reference
+              _group("loreft", 9_224, [0.2, 0.3, 0.4]), _group("loreft", 36_896, [0.3, 0.45, 0.6]),
+              _group("loreft", 69_180, [0.9, 0.9, 0.9])]  # over a tenth: not a candidate
+    [row] = ratio.ratio_rows(groups)
+    assert row.startswith("| json_answer | 460,800 | 0.600 ± 0.000 | loreft 36896 (36,896) | 0.450 ± 0.373 | **0.75** ± 0.62 |")

@@ -11,6 +11,7 @@ from reft_lab.cli import main
 from reft_lab.config import compose
 from reft_lab.metrics import SCHEMA, read_metrics, validate, write_metrics
 from reft_lab.report import group
+from reft_lab.report.stats import ratio_ci
 
 SMALL = ["model=tiny", "trainer=smoke", "retention.knowledge_probe=4", "retention.kl_prompts=2",
          "retention.leakage_prompts=2", "retention.kl_tokens=4", "task.test_size=4", "logger=none"]
@@ -170,6 +171,15 @@ def test_report_statistics_on_synthetic_metrics(tmp_path):
     assert "n.s." in (verdicts["alpha"], verdicts["beta"])
     md = (tmp_path / "report.md").read_text()
     assert "0.600 ± 0.248" in md and "n.s." in md and "lower" in md
+
+
+def test_ratio_of_means_has_a_delta_method_interval():
+    ratio, half = ratio_ci([0.4, 0.5, 0.6], [0.8, 0.8, 0.8])  # the denominator exact: var(R) = var(mean a) / 0.8²
+    assert ratio == pytest.approx(0.625) and half == pytest.approx(4.303 * (0.1 / 3 ** 0.5) / 0.8, rel=1e-4)
+    ratio, half = ratio_ci([0.5, 0.5, 0.5], [0.4, 0.5, 0.6])  # numerator exact: var(R) = R² var(mean b) / 0.5²
+    assert ratio == pytest.approx(1.0) and half == pytest.approx(4.303 * (0.1 / 3 ** 0.5) / 0.5, rel=1e-4)
+    assert ratio_ci([0.3], [0.0, 0.0]) is None  # no gain to compare with
+    assert ratio_ci([0.3], [0.6, 0.6]) == (pytest.approx(0.5), None)
 
 
 def test_report_draws_and_tabulates_curves_over_steps(tmp_path):

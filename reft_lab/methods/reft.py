@@ -30,7 +30,7 @@ class ReftConfig(MethodConfig):
     name: str = "loreft"
     lr: float = 2e-3
     rank: int = 4  # r: higher = more capacity, 2·r·d + r parameters per intervention
-    layers: list[int] | str = "all"  # decoder layers whose output is edited, or "all"
+    layers: list[int] | str = "all"  # decoder layers whose output is edited: indices, "all", or N spread over a span ("spread:4", "late:2")
     positions: str = "f3+l3"  # first/last prompt tokens edited (paper §4)
     tied: bool = False  # true: one intervention per layer for all positions; false: one per group
     dropout: float = 0.0  # on the edit only
@@ -44,12 +44,13 @@ class ReftConfig(MethodConfig):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise config_error("method.rank", self.rank, "an integer ≥ 1 (and ≤ the model's hidden size)")
         if isinstance(self.layers, str):
-            if self.layers != "all":
-                raise config_error("method.layers", self.layers, "a list of layer indices or 'all'")
+            span, _, count = self.layers.partition(":")
+            if self.layers != "all" and not (span in LAYER_SPANS and count.isdigit() and int(count) >= 1):
+                raise config_error("method.layers", self.layers, LAYERS_ALLOWED)
         else:
             self.layers = list(self.layers)
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise config_error("method.layers", self.layers, "a non-empty list of integer layer indices or 'all'")
+                raise config_error("method.layers", self.layers, LAYERS_ALLOWED)
             if len(set(self.layers)) != len(self.layers):
                 raise config_error("method.layers", self.layers, "layer indices without repeats")
         if not isinstance(self.tied, bool):
@@ -80,6 +81,13 @@ class ReftConfig(MethodConfig):
     def layer_indices(self, n_layers: int) -> list[int]:
         if self.layers == "all":
             return list(range(n_layers))
+        if isinstance(self.layers, str):  # N layers evenly spaced over a span, whatever the model's depth
+            name, count = self.layers.split(":")
+            start, stop = (round(bound * n_layers) for bound in LAYER_SPANS[name])
+            if int(count) > stop - start:
+                raise config_error("method.layers", self.layers,
+                                   f"at most {stop - start} layers in {name!r} (layers {start}–{stop - 1} of this model's {n_layers})")
+            return [start + int((i + 0.5) * (stop - start) / int(count)) for i in range(int(count))]
         bad = [i for i in self.layers if not 0 <= i < n_layers]
         if bad:
             raise config_error("method.layers", self.layers, f"indices in [0, {n_layers - 1}] (this model has {n_layers} layers)")
@@ -87,6 +95,10 @@ class ReftConfig(MethodConfig):
 
 
 IMPLS = ("auto", "triton", "eager")
+# "<span>:N": N layers evenly spaced over that share of the model's depth (thirds for early/middle/late)
+LAYER_SPANS = {"spread": (0, 1), "early": (0, 1 / 3), "middle": (1 / 3, 2 / 3), "late": (2 / 3, 1)}
+LAYERS_ALLOWED = ("a non-empty list of layer indices without repeats, 'all', or '<span>:N' "
+                  f"(N ≥ 1 layers evenly spaced; span one of {', '.join(LAYER_SPANS)})")
 
 
 def intervention_key(layer: int, group: str) -> str:

@@ -39,3 +39,21 @@ def differs(a: list[float], b: list[float]) -> bool | None:
         return ma != mb
     df = (va + vb) ** 2 / ((va ** 2 / (len(a) - 1) if va else 0) + (vb ** 2 / (len(b) - 1) if vb else 0) or 1e-300)
     return abs(ma - mb) > t95(df) * se
+
+
+def ratio_ci(a: list[float], b: list[float]) -> tuple[float, float | None] | None:
+    """mean(a) / mean(b) and the half-width of its 95% interval by the delta method (relative
+    variances add; Welch-Satterthwaite degrees of freedom). None when mean(b) ≤ 0 (no ratio); no
+    half-width when either has n < 2."""
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if mb <= 0:
+        return None
+    ratio = ma / mb
+    if len(a) < 2 or len(b) < 2:
+        return ratio, None
+    terms = [_var(a, ma) / len(a) / mb ** 2, ratio ** 2 * _var(b, mb) / len(b) / mb ** 2]  # var(ma)/mb², R²·var(mb)/mb²
+    variance = sum(terms)
+    if variance == 0:
+        return ratio, 0.0
+    df = variance ** 2 / (terms[0] ** 2 / (len(a) - 1) + terms[1] ** 2 / (len(b) - 1))
+    return ratio, t95(df) * math.sqrt(variance)
