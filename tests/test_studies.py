@@ -80,3 +80,32 @@ def test_frontier_ratio_picks_lora_r8_and_the_best_loreft_under_a_tenth():
               _group("loreft", 69_180, [0.9, 0.9, 0.9])]  # over a tenth: not a candidate
     [row] = ratio.ratio_rows(groups)
     assert row.startswith("| json_answer | 460,800 | 0.600 ± 0.000 | loreft 36896 (36,896) | 0.450 ± 0.373 | **0.75** ± 0.62 |")
+
+
+def test_where_loreft_leaks_study_runs_its_four_sweeps_and_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERS", "early:1,middle:1,late:1")  # the tiny model's 4 layers hold one per third
+    monkeypatch.setenv("LAUNCH", "hydra/launcher=basic")  # in-process: ten tiny jobs in seconds
+    report, jobs = _run_study("where_loreft_leaks", tmp_path, "trainer.max_steps=2")
+    configs = sorted((j["method"], str(j["config"]["method"].get("positions")), str(j["config"]["method"].get("layers")),
+                      j["config"]["method"].get("rank")) for j in jobs if j["method"] == "loreft")
+    assert len(jobs) == 10 and len(set(configs)) == 9  # 4 positions, 3 more layer spans, 2 more ranks; and LoRA
+    assert ("loreft", "f3+l3", "late:1", 4) in configs and ("loreft", "f3+l3", "all", 8) in configs
+    verdict = (tmp_path / "out" / "verdict.md").read_text()
+    assert verdict.count("| loreft") == 9 and ("**Yes**" in verdict or "**No**" in verdict)
+
+
+def _leak_group(method, gain, leak, label):
+    return {"method": method, "label": label, "stats": {"task_gain": (gain, 0.01), "retention.leakage.after": (leak, 0.1),
+                                                        "retention.kl_drift.after": (1.0, 0.1)}}
+
+
+def test_leakage_verdict_needs_both_the_gain_and_the_leakage():
+    spec = importlib.util.spec_from_file_location("verdict", ROOT / "experiments" / "where_loreft_leaks" / "verdict.py")
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+    groups = [_leak_group("lora", 0.5, 0.4, "lora"), _leak_group("loreft", 0.8, 1.0, "best, leaks"),
+              _leak_group("loreft", 0.75, 0.3, "close, clean"), _leak_group("loreft", 0.5, 0.0, "far, clean")]
+    text = verdict.verdict(groups)
+    assert "| close, clean | 0.750 ± 0.010 | 0.300 ± 0.100 | 1.000 ± 0.100 | yes | yes |" in text
+    assert text.rstrip().endswith("**Yes**: close, clean")
+    assert verdict.verdict(groups[:2] + groups[3:]).rstrip().endswith("leakage no worse than LoRA's.")

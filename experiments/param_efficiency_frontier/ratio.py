@@ -10,9 +10,8 @@ Prints the table and writes it to <out dir>/ratio.md.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from reft_lab.report import gather, group
+from reft_lab.report import study_table_main
 from reft_lab.report.stats import mean_ci, ratio_ci
 
 
@@ -47,20 +46,11 @@ def ratio_rows(groups: list[dict]) -> list[str]:
     return rows
 
 
-def main(args: list[str]) -> int:
-    if len(args) != 2:
-        print(__doc__.strip().splitlines()[-3].strip(), file=sys.stderr)
-        return 2
-    sweep, out = map(Path, args)
-    rows, _ = gather([sweep])
-    table = ["| task | LoRA r8 (q,v) params | LoRA r8 task gain | best LoReFT ≤ 1/10 of them (params) | its task gain "
-             "| gain ratio LoReFT / LoRA (95% CI) |", "|---|---|---|---|---|---|", *ratio_rows(group(rows))]
-    text = "\n".join(table) + "\n"
-    print(text)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ratio.md").write_text(text, encoding="utf-8")
-    return 0
+def ratio_table(groups: list[dict]) -> str:
+    return "\n".join(["| task | LoRA r8 (q,v) params | LoRA r8 task gain | best LoReFT ≤ 1/10 of them (params) | its task gain "
+                      "| gain ratio LoReFT / LoRA (95% CI) |", "|---|---|---|---|---|---|", *ratio_rows(groups)]) + "\n"
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(study_table_main(sys.argv[1:], "python experiments/param_efficiency_frontier/ratio.py <sweep dir> <out dir>",
+                              ratio_table, "ratio.md"))

@@ -86,7 +86,7 @@ class ReftConfig(MethodConfig):
             start, stop = (round(bound * n_layers) for bound in LAYER_SPANS[name])
             if int(count) > stop - start:
                 raise config_error("method.layers", self.layers,
-                                   f"at most {stop - start} layers in {name!r} (layers {start}–{stop - 1} of this model's {n_layers})")
+                                   f"at most {stop - start} layer(s) in {name!r} (layers {start}–{stop - 1} of this model's {n_layers})")
             return [start + int((i + 0.5) * (stop - start) / int(count)) for i in range(int(count))]
         bad = [i for i in self.layers if not 0 <= i < n_layers]
         if bad:

@@ -13,6 +13,7 @@ import argparse
 import csv
 import io
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -322,3 +323,18 @@ def report_main(args: list[str]) -> int:
     print(f"wrote {', '.join(str(p) for p in [out / 'report.md', out / 'report.csv', out / 'pareto.png', *extra])}")
     failed = sum(r.get("status") != "ok" for r in rows) + len(missing)
     return 1 if failed else 0
+
+
+def study_table_main(args: list[str], usage: str, render, name: str) -> int:
+    """A study's own summary: ``render(groups)`` of the jobs under a sweep directory, printed and
+    written to ``<out dir>/<name>``. ``args``: the sweep directory and the out directory."""
+    if len(args) != 2:
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    sweep, out = map(Path, args)
+    rows, _ = gather([sweep])
+    text = render(group(rows))
+    print(text)
+    check_writable(out)
+    atomic_write_text(out / name, text)
+    return 0
