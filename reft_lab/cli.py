@@ -19,6 +19,7 @@ commands:
   generate --adapter DIR [--adapter DIR2 ...] PROMPT...   greedy answers of saved adapters on their base model
   bench [--providers ...]   training-step time and memory: reft_lab vs pyreft vs peft (config A)
   analyze intruders <job dir>...  intruder dimensions of a job's updated weights (LoRA, DoRA, full)
+  analyze known-split --out FILE  which knowledge-probe facts the base model knows (probe_known/probe_unknown tasks)
 
 examples:
   reft-lab train -m experiment=quickstart
@@ -125,7 +126,8 @@ def bench_command(args: list[str]) -> int:
     return bench_main(args)
 
 
-ANALYSES = {"intruders": "reft_lab.analysis.intruders:intruders_main"}
+ANALYSES = {"intruders": "reft_lab.analysis.intruders:intruders_main",
+            "known-split": "reft_lab.analysis.known_split:known_split_main"}
 
 
 def analyze_command(args: list[str]) -> int:
@@ -133,7 +135,9 @@ def analyze_command(args: list[str]) -> int:
 
     if not args or args[0] in ("-h", "--help"):
         print("usage: reft-lab analyze <analysis> [arguments]\n\nanalyses:\n  intruders <job dir>...  "
-              "intruder dimensions of a job's updated weight matrices (reft-lab analyze intruders --help)")
+              "intruder dimensions of a job's updated weight matrices (reft-lab analyze intruders --help)\n"
+              "  known-split --out FILE [overrides]  the knowledge probe split by the base model's own answers "
+              "(reft-lab analyze known-split --help)")
         return 0
     if args[0] not in ANALYSES:
         raise ReftLabError(f"unknown analysis {args[0]!r}; allowed: {', '.join(ANALYSES)}")

@@ -3,6 +3,7 @@
 import pytest
 
 from reft_lab.data import generate, read_retention
+from reft_lab.errors import ConfigError
 from reft_lab.tasks import Example, TaskConfig, load_task
 from reft_lab.tasks.builtin import (
     looks_like_bare_number,
@@ -54,3 +55,26 @@ def test_expected_calibration_error_by_hand():
         pytest.approx((abs(0.5 - 0.925) * 2 + 0.7 + 0.6) / 4)
     assert expected_calibration_error([True, True], [1.0, 1.0]) == 0.0  # confidence 1 sits in the top bin
     assert expected_calibration_error([], []) is None
+
+
+def test_probe_fact_tasks_train_apart_and_test_on_the_same_held_out_known_facts(tmp_path):
+    import json
+
+    questions = [{"index": i, "question": f"Q{i}?", "answers": [f"a{i}", f"alias{i}"], "base_output": "", "known": i % 2 == 0}
+                 for i in range(30)]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"head": 10, "questions": questions}))
+    known = load_task(TaskConfig(name="probe_known", path=str(split)), seed=0)
+    unknown = load_task(TaskConfig(name="probe_unknown", path=str(split)), seed=0)
+    # after the head: 10 known (10, 12, …, 28), 10 unknown; both train on 9, one known fact left to test
+    assert [e.prompt for e in known.train] == [f"Q{i}?" for i in range(10, 28, 2)]
+    assert [e.prompt for e in unknown.train] == [f"Q{i}?" for i in range(11, 29, 2)]
+    assert [e.prompt for e in known.test] == [e.prompt for e in unknown.test] == ["Q28?"]
+    assert known.train[0].response == "a10" and known.score(["It is alias28."], known.test) == {"answer_correct": 1.0}
+    with pytest.raises(ConfigError, match=r"task.train_size=10 is not allowed: null or an integer in \[1, 9\]"):
+        load_task(TaskConfig(name="probe_unknown", path=str(split), train_size=10), seed=0)
+    with pytest.raises(ConfigError, match="task.path"):
+        TaskConfig(name="probe_known", path=str(tmp_path / "missing.json"))
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a known-split file"):
+        load_task(TaskConfig(name="probe_known", path=str(tmp_path / "bad.json")), seed=0)

@@ -1,11 +1,13 @@
 """Each study's command smoke-runs on the tiny model (the real runs are not part of CI)."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from reft_lab.data import read_retention
 from reft_lab.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +111,31 @@ def test_leakage_verdict_needs_both_the_gain_and_the_leakage():
     assert "| close, clean | 0.750 ± 0.010 | 0.300 ± 0.100 | 1.000 ± 0.100 | yes | yes |" in text
     assert text.rstrip().endswith("**Yes**: close, clean")
     assert verdict.verdict(groups[:2] + groups[3:]).rstrip().endswith("leakage no worse than LoRA's.")
+
+
+def test_known_split_records_the_base_models_answers(tmp_path):
+    from reft_lab.cli import main
+
+    out = tmp_path / "split.json"
+    assert main(["analyze", "known-split", "--out", str(out), "--head", "200", "model=tiny"]) == 0
+    split = json.loads(out.read_text())
+    assert len(split["questions"]) == 231 and split["head"] == 200 and split["model"] == "tiny:llama"
+    assert split["known"] == sum(q["known"] for q in split["questions"]) == 0  # a random model knows nothing
+    assert all(q["base_output"] is not None and q["answers"] for q in split["questions"])
+    assert main(["analyze", "known-split", "--out", str(out), "--head", "231", "model=tiny"]) == 2
+
+
+def test_new_knowledge_study_trains_on_unknown_and_known_facts(tmp_path, monkeypatch):
+    # the tiny model knows no fact, so the smoke run takes a split as a real model would make it:
+    # after the first 200 questions, every third one known
+    questions = [{"index": i, "question": q["question"], "answers": q["answers"], "base_output": "", "known": i % 3 == 0}
+                 for i, q in enumerate(read_retention("knowledge_probe"))]
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"model": "tiny:llama", "head": 200, "questions": questions}))
+    monkeypatch.setenv("SPLIT", str(split))
+    monkeypatch.setenv("HEAD", "4")
+    report, jobs = _run_study("new_knowledge", tmp_path, "method=lora", "trainer.eval_at=[1]", "task.train_size=5")
+    assert sorted(j["task"] for j in jobs) == ["probe_known", "probe_unknown"]
+    # 31 questions after the head: 10 known, 21 unknown; both tasks train on 5 and test on the other 5 known facts
+    assert [set(j["task_scores"]["after"]) for j in jobs] == [{"answer_correct"}] * 2
+    assert [len(j["curve"]) for j in jobs] == [2, 2] and "calibration" in report

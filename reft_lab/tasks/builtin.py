@@ -10,6 +10,10 @@
   answers in the right format: each training answer moved to another question (a permutation drawn
   from the run's seed), or every answer replaced by "unknown". The test split is json_answer's, with
   its correct answers: what the model learns is the format, not the facts (experiments/format_not_knowledge).
+* ``probe_known`` / ``probe_unknown``: knowledge-probe facts the base model answered right / wrong
+  (``task.path``: the file ``reft-lab analyze known-split`` wrote), trained as question → short
+  answer; both test on the same held-out known facts, scored ``answer_correct`` (an accepted answer
+  appears as a whole word, as the knowledge probe scores). experiments/new_knowledge.
 * ``jsonl``: your own data, ``task=jsonl task.path=train.jsonl [task.test_path=test.jsonl]``: one JSON
   object per line with "prompt" and "response" (field names configurable); without test_path a
   seeded ``test_fraction`` of the lines is held out. Overlapping prompts are refused.
@@ -31,6 +35,7 @@ from pathlib import Path
 
 from reft_lab.data import DATA_DIR
 from reft_lab.errors import ConfigError, config_error
+from reft_lab.evaluation.retention import PROBE_TOKENS, contains_answer
 from reft_lab.tasks import Example, TaskConfig, TaskKind, read_jsonl, register_task
 
 
@@ -126,6 +131,45 @@ def _load_jsonl(cfg: TaskConfig, seed: int) -> tuple[list[Example], list[Example
     return shuffled[n_test:], shuffled[:n_test]
 
 
+def _check_split(cfg: TaskConfig) -> None:
+    if not cfg.path or not Path(cfg.path).expanduser().is_file():
+        raise config_error("task.path", cfg.path, "the JSON file `reft-lab analyze known-split --out FILE` wrote")
+
+
+def _probe_facts(kind: str):
+    """Train on probe facts the base model answered right (``known``) or wrong (``unknown``), after
+    the split's retention head; test on known facts neither task trains on. Both tasks train on
+    the same number n of facts (``task.train_size``, default: as many as the split allows for both)
+    and test on the same ones, so they differ only in what the base knew."""
+
+    def load(cfg: TaskConfig, seed: int) -> tuple[list[Example], list[Example]]:
+        path = Path(cfg.path).expanduser()
+        try:
+            split = json.loads(path.read_text(encoding="utf-8"))
+            tail = [q for q in split["questions"] if q["index"] >= split["head"]]
+            known, unknown = [q for q in tail if q["known"]], [q for q in tail if not q["known"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"task.path={cfg.path!r}: not a known-split file ({type(err).__name__}: {err}); "
+                              "write one with `reft-lab analyze known-split --out FILE`") from err
+        most = min(len(unknown), len(known) - 1)
+        n = cfg.train_size or most
+        if not 1 <= n <= most:
+            raise config_error("task.train_size", cfg.train_size,
+                               f"null or an integer in [1, {most}] ({len(known)} known and {len(unknown)} unknown facts after the "
+                               f"first {split['head']} in {cfg.path}; at least one known fact is left to test)")
+
+        def examples(facts: list[dict]) -> list[Example]:
+            return [Example(q["question"], q["answers"][0], q["answers"], f"{path} question {q['index']}") for q in facts]
+
+        return examples((known if kind == "known" else unknown)[:n]), examples(known[n:])
+
+    return load
+
+
+def score_contains(output: str, ex: Example) -> dict[str, float]:
+    return {"answer_correct": float(contains_answer(output, ex.answers))}
+
+
 def _check_hf(cfg: TaskConfig) -> None:
     if not cfg.dataset:
         raise config_error("task.dataset", cfg.dataset, "a Hugging Face dataset name")
@@ -152,6 +196,9 @@ register_task("arithmetic", TaskKind(load=shipped("arithmetic"), score=score_ari
 for _how in ("shuffled", "constant"):
     register_task(f"json_answer_{_how}", TaskKind(load=wrong_answers(_how), score=score_json_answer, metric="json_answer_correct",
                                                   has_format=looks_like_json, defaults={"max_new_tokens": 16}))
+for _kind in ("known", "unknown"):  # experiments/new_knowledge
+    register_task(f"probe_{_kind}", TaskKind(load=_probe_facts(_kind), score=score_contains, metric="answer_correct",
+                                             check=_check_split, defaults={"path": "???", "max_new_tokens": PROBE_TOKENS}))
 register_task("jsonl", TaskKind(load=_load_jsonl, score=score_exact, metric="exact_match", check=_check_jsonl,
                                 defaults={"path": "???"}))
 register_task("hf", TaskKind(load=lambda cfg, seed: (_hf_split(cfg, cfg.train_split), _hf_split(cfg, cfg.test_split)),
