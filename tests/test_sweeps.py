@@ -173,6 +173,17 @@ def test_report_statistics_on_synthetic_metrics(tmp_path):
     assert "0.600 ± 0.248" in md and "n.s." in md and "lower" in md
 
 
+def test_group_labels_name_what_differs_and_shorten_long_lists():
+    def row(target_modules, seed):
+        return {"status": "ok", "method": "lora", "task": "t", "model": "m", "trainable_params": 1, "trainable_pct": 1.0,
+                "adapter_bytes": 1, "task_gain": 0.1, "seed": seed,
+                "config": {"method": {"name": "lora", "rank": 8, "target_modules": target_modules}}}
+
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    labels = sorted(g["label"] for g in group([row(None, 0), row(None, 1), row(linear, 0)]))
+    assert labels == ["lora (target_modules=None)", "lora (target_modules=[q_proj, … 7])"]
+
+
 def test_ratio_of_means_has_a_delta_method_interval():
     ratio, half = ratio_ci([0.4, 0.5, 0.6], [0.8, 0.8, 0.8])  # the denominator exact: var(R) = var(mean a) / 0.8²
     assert ratio == pytest.approx(0.625) and half == pytest.approx(4.303 * (0.1 / 3 ** 0.5) / 0.8, rel=1e-4)

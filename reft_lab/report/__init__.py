@@ -238,7 +238,14 @@ def _label(groups: list[dict]) -> None:
             if len(same) > 1:
                 keys = sorted({k for o in same for k in (o["config"].get("method") or {})})
                 differing = [k for k in keys if len({json.dumps((o["config"].get("method") or {}).get(k)) for o in same}) > 1]
-                g["label"] += " (" + ", ".join(f"{k}={(g['config'].get('method') or {}).get(k)}" for k in differing) + ")"
+                g["label"] += " (" + ", ".join(f"{k}={_short((g['config'].get('method') or {}).get(k))}" for k in differing) + ")"
+
+
+def _short(value) -> str:
+    """A config value for a label: long lists (LoRA's seven target modules) by their first entry and length."""
+    if isinstance(value, list) and len(value) > 3:
+        return f"[{value[0]}, … {len(value)}]"
+    return str(value)
 
 
 def _fmt(value, ci=None, digits=3) -> str:
