@@ -66,11 +66,12 @@ def test_probe_fact_tasks_train_apart_and_test_on_the_same_held_out_known_facts(
     split.write_text(json.dumps({"head": 10, "questions": questions}))
     known = load_task(TaskConfig(name="probe_known", path=str(split)), seed=0)
     unknown = load_task(TaskConfig(name="probe_unknown", path=str(split)), seed=0)
-    # after the head: 10 known (10, 12, …, 28), 10 unknown; both train on 9, one known fact left to test
-    assert [e.prompt for e in known.train] == [f"Q{i}?" for i in range(10, 28, 2)]
-    assert [e.prompt for e in unknown.train] == [f"Q{i}?" for i in range(11, 29, 2)]
-    assert [e.prompt for e in known.test] == [e.prompt for e in unknown.test] == ["Q28?"]
-    assert known.train[0].response == "a10" and known.score(["It is alias28."], known.test) == {"answer_correct": 1.0}
+    # after the head: 10 known (10, 12, …, 28), 10 unknown; both train on 5, the other 5 known facts test
+    assert [e.prompt for e in known.train] == [f"Q{i}?" for i in range(10, 20, 2)]
+    assert [e.prompt for e in unknown.train] == [f"Q{i}?" for i in range(11, 21, 2)]
+    assert [e.prompt for e in known.test] == [e.prompt for e in unknown.test] == [f"Q{i}?" for i in range(20, 30, 2)]
+    assert known.train[0].response == "a10" and known.score(["It is alias20."], known.test[:1]) == {"answer_correct": 1.0}
+    assert len(load_task(TaskConfig(name="probe_known", path=str(split), train_size=9), seed=0).test) == 1
     with pytest.raises(ConfigError, match=r"task.train_size=10 is not allowed: null or an integer in \[1, 9\]"):
         load_task(TaskConfig(name="probe_unknown", path=str(split), train_size=10), seed=0)
     with pytest.raises(ConfigError, match="task.path"):

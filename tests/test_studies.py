@@ -134,7 +134,7 @@ def test_new_knowledge_study_trains_on_unknown_and_known_facts(tmp_path, monkeyp
     split.write_text(json.dumps({"model": "tiny:llama", "head": 200, "questions": questions}))
     monkeypatch.setenv("SPLIT", str(split))
     monkeypatch.setenv("HEAD", "4")
-    report, jobs = _run_study("new_knowledge", tmp_path, "method=lora", "trainer.eval_at=[1]", "task.train_size=5")
+    report, jobs = _run_study("new_knowledge", tmp_path, "method=lora", "trainer.eval_at=[1]")
     assert sorted(j["task"] for j in jobs) == ["probe_known", "probe_unknown"]
     # 31 questions after the head: 10 known, 21 unknown; both tasks train on 5 and test on the other 5 known facts
     assert [set(j["task_scores"]["after"]) for j in jobs] == [{"answer_correct"}] * 2

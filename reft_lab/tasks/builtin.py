@@ -139,8 +139,8 @@ def _check_split(cfg: TaskConfig) -> None:
 def _probe_facts(kind: str):
     """Train on probe facts the base model answered right (``known``) or wrong (``unknown``), after
     the split's retention head; test on known facts neither task trains on. Both tasks train on
-    the same number n of facts (``task.train_size``, default: as many as the split allows for both)
-    and test on the same ones, so they differ only in what the base knew."""
+    the same number n of facts (``task.train_size``; default: as many unknown facts as there are, up
+    to half the known ones) and test on the same ones, so they differ only in what the base knew."""
 
     def load(cfg: TaskConfig, seed: int) -> tuple[list[Example], list[Example]]:
         path = Path(cfg.path).expanduser()
@@ -151,8 +151,8 @@ def _probe_facts(kind: str):
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError(f"task.path={cfg.path!r}: not a known-split file ({type(err).__name__}: {err}); "
                               "write one with `reft-lab analyze known-split --out FILE`") from err
-        most = min(len(unknown), len(known) - 1)
-        n = cfg.train_size or most
+        most = min(len(unknown), len(known) - 1)  # at least one known fact left to test
+        n = cfg.train_size or min(len(unknown), len(known) // 2)  # default: half the known facts held out
         if not 1 <= n <= most:
             raise config_error("task.train_size", cfg.train_size,
                                f"null or an integer in [1, {most}] ({len(known)} known and {len(unknown)} unknown facts after the "
