@@ -171,6 +171,7 @@ def test_report_statistics_on_synthetic_metrics(tmp_path):
     assert "n.s." in (verdicts["alpha"], verdicts["beta"])
     md = (tmp_path / "report.md").read_text()
     assert "0.600 ± 0.248" in md and "n.s." in md and "lower" in md
+    assert (tmp_path / "drift.png").stat().st_size > 1000  # every group has KL drift and leakage
 
 
 def test_group_labels_name_what_differs_and_shorten_long_lists():

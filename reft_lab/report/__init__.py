@@ -23,6 +23,7 @@ from reft_lab.evaluation.retention import RETENTION
 from reft_lab.metrics import METRICS_FILE, STATUSES, lookup, read_metrics
 from reft_lab.report.plots import (
     curve_plot,
+    drift_plot,
     frontier_plot,
     group_score_keys,
     intruder_plot,
@@ -322,7 +323,8 @@ def report_main(args: list[str]) -> int:
     extra = [*sweep_plots(out, groups), *([out / "scores.png"] if score_plot(out / "scores.png", groups) else []),
              *([out / "curves.png"] if curve_plot(out / "curves.png", groups, curve_keys()) else []),
              *([out / "intruders.png"] if intruder_plot(out / "intruders.png", groups) else []),
-             *([out / "frontier.png"] if frontier_plot(out / "frontier.png", groups) else [])]
+             *([out / "frontier.png"] if frontier_plot(out / "frontier.png", groups) else []),
+             *([out / "drift.png"] if drift_plot(out / "drift.png", groups) else [])]
     print_table(groups, rows, missing)
     if groups and not plotted:
         print("pareto.png has no points: no group has a knowledge-retention value (the base answered no probe "

@@ -242,3 +242,35 @@ def frontier_plot(path: Path, groups: list[dict]) -> bool:
     fig.tight_layout()
     _save(fig, path)
     return True
+
+
+DRIFT_KEYS = (("retention.kl_drift.after", "KL drift (mean per-token KL(base ‖ tuned))"),
+              ("retention.leakage.after", "leakage (share of off-task prompts in the task's format)"))
+
+
+def drift_plot(path: Path, groups: list[dict]) -> bool:
+    """Task gain against KL drift and against leakage, a panel each, a point per group with its 95%
+    CIs, numbered (the legend below names each number). False (nothing drawn) unless some group has
+    both measures."""
+    drawn = [g for g in groups if g["stats"]["task_gain"][0] is not None
+             and all(g["stats"].get(key, (None, None))[0] is not None for key, _ in DRIFT_KEYS)]
+    if not drawn:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(DRIFT_KEYS), figsize=(6.4 * len(DRIFT_KEYS), 4.8 + 0.18 * len(drawn)), dpi=120)
+    colours = _method_colours(plt, drawn)
+    for ax, (key, name) in zip(axes, DRIFT_KEYS):
+        for number, g in enumerate(drawn, 1):
+            (x, xe), (y, ye) = g["stats"][key], g["stats"]["task_gain"]
+            ax.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", color=colours[g["method"]], capsize=3, alpha=0.8)
+            ax.annotate(str(number), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(name)
+        ax.set_ylabel("task gain (after − before), mean ± 95% CI")
+        ax.grid(alpha=0.3)
+        _method_legend(ax, colours)
+    axes[0].set_title("Task gain vs drift from the base", fontsize=10)
+    axes[1].set_title("Task gain vs leakage", fontsize=10)
+    fig.text(0.01, 0.01, "\n".join(f"{n}: {g['task']}, {g['label']}" for n, g in enumerate(drawn, 1)), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.18 * len(drawn) / (4.8 + 0.18 * len(drawn)) + 0.02, 1, 1))
+    _save(fig, path)
+    return True
