@@ -414,9 +414,10 @@ def test_help_texts(capsys):
 
 
 def test_analyze_lists_its_analyses_and_refuses_others(capsys):
-    assert main(["analyze"]) == 0 and "intruders <job dir>" in capsys.readouterr().out
+    out = main(["analyze"]) == 0 and capsys.readouterr().out
+    assert "intruders <job dir>" in out and "known-split --out FILE" in out
     assert main(["analyze", "spectra"]) == 2
-    assert capsys.readouterr().err.strip() == "reft-lab analyze: error: unknown analysis 'spectra'; allowed: intruders"
+    assert capsys.readouterr().err.strip() == "reft-lab analyze: error: unknown analysis 'spectra'; allowed: intruders, known-split"
 
 
 def test_beam_search_and_several_sequences_are_edited(tiny):

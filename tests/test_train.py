@@ -108,7 +108,8 @@ def test_every_experiment_smoke_runs(tmp_path):
     sweep = tmp_path / "experiments"
     experiments = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
     assert "quickstart" in experiments
-    assert main(["train", "-m", "experiment=glob(*)", f"hydra.sweep.dir={sweep}", "logger=none", *SMALL,
+    experiments.remove("new_knowledge")  # its task needs the base model's split file: tests/test_studies.py runs it
+    assert main(["train", "-m", f"experiment={','.join(experiments)}", f"hydra.sweep.dir={sweep}", "logger=none", *SMALL,
                  "trainer.max_steps=2", "trainer.eval_at=[1]"]) == 0
     jobs = _metrics(sweep)
     assert len(jobs) == len(experiments) and all(m["status"] == "ok" for m in jobs)
