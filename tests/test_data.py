@@ -76,6 +76,9 @@ def test_probe_fact_tasks_train_apart_and_test_on_the_same_held_out_known_facts(
         load_task(TaskConfig(name="probe_unknown", path=str(split), train_size=10), seed=0)
     with pytest.raises(ConfigError, match="task.path"):
         TaskConfig(name="probe_known", path=str(tmp_path / "missing.json"))
+    split.write_text(json.dumps({"head": 10, "questions": [{**q, "known": False} for q in questions]}))  # a model that knows nothing
+    with pytest.raises(ConfigError, match=r"0 known and 20 unknown facts after the first 10; these tasks need at least 1 unknown and 2 known"):
+        load_task(TaskConfig(name="probe_unknown", path=str(split)), seed=0)
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ConfigError, match="not a known-split file"):
         load_task(TaskConfig(name="probe_known", path=str(tmp_path / "bad.json")), seed=0)

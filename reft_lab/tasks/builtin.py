@@ -152,6 +152,9 @@ def _probe_facts(kind: str):
             raise ConfigError(f"task.path={cfg.path!r}: not a known-split file ({type(err).__name__}: {err}); "
                               "write one with `reft-lab analyze known-split --out FILE`") from err
         most = min(len(unknown), len(known) - 1)  # at least one known fact left to test
+        if most < 1:
+            raise ConfigError(f"task.path={cfg.path!r}: {len(known)} known and {len(unknown)} unknown facts after the first "
+                              f"{split['head']}; these tasks need at least 1 unknown and 2 known (a smaller --head, or a model that knows more)")
         n = cfg.train_size or min(len(unknown), len(known) // 2)  # default: half the known facts held out
         if not 1 <= n <= most:
             raise config_error("task.train_size", cfg.train_size,
