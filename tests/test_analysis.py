@@ -65,6 +65,7 @@ def test_scaling_every_top_direction_away_changes_the_model(jobs):
     assert main(["analyze", "intruders", str(jobs / "lora"), "--k", "2", "--epsilon", "1", "--scale", "0"]) == 0
     result = json.loads((jobs / "lora" / "intruders.json").read_text())
     assert result["intruders"] == 2 * result["matrices"]
+    assert result["least_aligned_cosine"] == min(min(m["max_cosine"]) for m in result["per_matrix"]) < 1
     assert result["scale"]["after"]["retention"]["kl_drift"] > 10 * result["scale"]["before"]["retention"]["kl_drift"]
     # the report tabulates and draws it beside the job's metrics
     assert main(["report", str(jobs), "--out", str(jobs / "report")]) == 0
@@ -72,6 +73,7 @@ def test_scaling_every_top_direction_away_changes_the_model(jobs):
     header = next(line for line in table if line.startswith("| group |")).split(" | ")
     row = next(line for line in table if line.startswith("| lora |")).split(" | ")
     assert row[header.index("intruders per matrix")] == "2.000"  # 2 of the top 2; the ReFT job has no row
+    assert float(row[header.index("least-aligned |cos|")]) == pytest.approx(result["least_aligned_cosine"], abs=5e-4)
     assert (jobs / "report" / "intruders.png").stat().st_size > 1000
 
 

@@ -44,9 +44,9 @@ def test_intruder_dimensions_study_runs_analyses_and_reports(tmp_path):
 
     sweep = compose(["experiment=intruder_dimensions"], with_hydra=True).hydra.sweeper.params
     assert sweep.method_preset.split(",") == ["lora_r8_alpha8", "lora_r8_alpha16", "lora_r64_alpha64", "lora_r64_alpha128",
-                                              "rslora_r64_alpha16", "full"] and sweep.seed == "0,1,2"
+                                              "rslora_r64_alpha32", "full"] and sweep.seed == "0,1,2"
     # two of the six presets keep the smoke run short
-    report, jobs = _run_study("intruder_dimensions", tmp_path, "trainer.max_steps=2", "method_preset=rslora_r64_alpha16,full")
+    report, jobs = _run_study("intruder_dimensions", tmp_path, "trainer.max_steps=2", "method_preset=rslora_r64_alpha32,full")
     assert sorted((j["method"], j["config"]["method"].get("rank"), j["config"]["method"].get("rslora")) for j in jobs) == \
         [("full", None, None), ("lora", 64, True)]
     assert len(list((tmp_path / "sweep").glob("*/intruders.json"))) == 2

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # New knowledge and hallucination: the base model answers the knowledge probe; its known/unknown
 # split is stored (results/known_split.json); LoRA, full and LoReFT train on unknown facts and on
-# known ones (3 seeds), then the report.
+# known ones (3 seeds), two jobs at a time on one core each, then the report.
 #   bash experiments/new_knowledge/run.sh [extra overrides, e.g. model=tiny trainer=smoke]
 # Writes the jobs under multirun/new_knowledge/<date>/ (or $SWEEP), the split to $OUT/known_split.json
 # and the report under experiments/new_knowledge/results/ (or $OUT). $HEAD: probe questions kept for
@@ -17,6 +17,6 @@ if [ -z "${SPLIT:-}" ]; then
   SPLIT=$(realpath -m "$OUT/known_split.json")
   "$REFT_LAB" analyze known-split --out "$SPLIT" --head "$HEAD" experiment=new_knowledge "$@"
 fi
-"$REFT_LAB" train -m experiment=new_knowledge "task.path=$SPLIT" "retention.knowledge_probe=$HEAD" "hydra.sweep.dir=$SWEEP" "$@"
+"$REFT_LAB" train -m experiment=new_knowledge hydra/launcher=joblib hydra.launcher.n_jobs=2 "task.path=$SPLIT" "retention.knowledge_probe=$HEAD" "hydra.sweep.dir=$SWEEP" "$@"
 mkdir -p "$OUT"
 "$REFT_LAB" report "$SWEEP" --out "$OUT"

@@ -132,6 +132,8 @@ def analyse(job: Path, k: int, epsilon: float, scale: float | None, modules: lis
               "per_matrix": [r.__dict__ for r in rows], "scale": None,
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     result["intruders_per_matrix"] = result["intruders"] / len(rows)
+    # how close the job came to having one: the lowest best-|cosine| of any top-k vector (intruder below ε)
+    result["least_aligned_cosine"] = min(min(r.max_cosine) for r in rows)
     if scale is not None:
         before = {"task_after": metrics["task_after"], "retention": {n: v["after"] for n, v in metrics["retention"].items()}}
         result["scale"] = {"factor": scale, "before": before, "evaluated": result["intruders"] > 0}
@@ -150,7 +152,8 @@ def analyse(job: Path, k: int, epsilon: float, scale: float | None, modules: lis
 
 def print_summary(result: dict) -> None:
     print(f"{result['job']}: {result['method']}, {result['intruders']} intruder dimension(s) in {result['matrices']} "
-          f"matrices (top {result['k']} singular vectors, ε = {result['epsilon']})")
+          f"matrices (top {result['k']} singular vectors, ε = {result['epsilon']}; least-aligned best |cos| "
+          f"{result['least_aligned_cosine']:.4f})")
     if result["scale"]:
         before, after = result["scale"]["before"], result["scale"]["after"]
         if not result["scale"]["evaluated"]:

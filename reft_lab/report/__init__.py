@@ -84,11 +84,13 @@ def _analyses(job: Path) -> dict:
 
 
 def intruder_keys() -> list[tuple[str, str]]:
-    """The intruder analysis's columns: count per matrix, then task and each curve metric with the
-    intruders' singular values scaled (``--scale``)."""
+    """The intruder analysis's columns: count per matrix, the least-aligned top vector's best |cosine|
+    with the pre-trained ones, then task and each curve metric with the intruders' singular values
+    scaled (``--scale``)."""
     scaled = [(f"intruders.scale.after.{key.removesuffix('.after')}" if key.startswith("retention.")
                else "intruders.scale.after.task_after", f"{name}, scaled") for key, name in curve_keys()]
-    return [("intruders.intruders_per_matrix", "intruders per matrix"), *scaled]
+    return [("intruders.intruders_per_matrix", "intruders per matrix"),
+            ("intruders.least_aligned_cosine", "least-aligned |cos|"), *scaled]
 
 
 GROUP_KEYS = {"method": str, "task": str, "model": str, "trainable_params": int, "trainable_pct": (int, float),

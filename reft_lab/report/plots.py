@@ -178,21 +178,25 @@ def curve_plot(path: Path, groups: list[dict], keys: list[tuple[str, str]]) -> b
 
 
 def intruder_plot(path: Path, groups: list[dict]) -> bool:
-    """Left: intruders per matrix against knowledge retention, a point per group. Right: each
-    retention measure before and after the intruders' singular values were scaled. False (nothing
-    drawn) when no job was analysed (``reft-lab analyze intruders``)."""
+    """Left: intruders per matrix against choice retention, a point per group. Middle: the
+    least-aligned top singular vector's best |cosine| with the pre-trained ones (how near the job
+    came to an intruder) against the same retention. Right: each retention measure before and
+    after the intruders' singular values were scaled. False (nothing drawn) when no job was
+    analysed (``reft-lab analyze intruders``)."""
     analysed = [g for g in groups if g["stats"].get("intruders.intruders_per_matrix", (None, None))[0] is not None]
     if not analysed:
         return False
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4), dpi=120)
     measures = [("knowledge_retention", "knowledge retention"), ("knowledge_choice_retention", "choice retention")]
     for i, g in enumerate(analysed):
         colour = plt.get_cmap("tab10")(i % 10)
-        x, xe = g["stats"]["intruders.intruders_per_matrix"]
         y, ye = g["stats"]["retention.knowledge_choice_retention.after"]
         if y is not None:
-            left.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", color=colour, capsize=3, label=g["label"])
+            for ax, key in ((left, "intruders.intruders_per_matrix"), (middle, "intruders.least_aligned_cosine")):
+                x, xe = g["stats"].get(key, (None, None))
+                if x is not None:
+                    ax.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", color=colour, capsize=3, label=g["label"])
         for j, (name, _) in enumerate(measures):
             before = g["stats"].get(f"retention.{name}.after", (None, None))
             after = g["stats"].get(f"intruders.scale.after.retention.{name}", (None, None))
@@ -202,10 +206,13 @@ def intruder_plot(path: Path, groups: list[dict]) -> bool:
             right.bar([pos - 0.2], [before[0]], 0.4, yerr=[before[1] or 0], color=colour, alpha=0.5, capsize=2)
             right.bar([pos + 0.2], [after[0]], 0.4, yerr=[after[1] or 0], color=colour, capsize=2, hatch="//")
     left.set_xlabel("intruder dimensions per matrix")
-    left.set_ylabel("choice retention")
     left.set_title("Intruders against retention", fontsize=10)
-    left.grid(alpha=0.3)
     left.legend(fontsize=7)
+    middle.set_xlabel("least-aligned top vector's best |cos| with W₀'s (intruder: below ε)")
+    middle.set_title("How near each update came to an intruder", fontsize=10)
+    for ax in (left, middle):
+        ax.set_ylabel("choice retention")
+        ax.grid(alpha=0.3)
     right.set_xticks([j * (len(analysed) + 1) + (len(analysed) - 1) / 2 for j in range(len(measures))], [n for _, n in measures])
     right.set_title("Retention as trained (plain) and with intruders scaled (hatched)", fontsize=10)
     right.grid(axis="y", alpha=0.3)
