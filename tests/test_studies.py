@@ -63,7 +63,9 @@ def test_param_efficiency_frontier_study_runs_reports_and_states_the_ratio(tmp_p
                               "method_preset=loreft_r1_4layers,lora_r8_alpha16")
     assert sorted(j["method"] for j in jobs) == ["lora", "loreft"]
     # the tiny model's LoRA r8 has 7,168 parameters; LoReFT r1 on its 4 layers 1,032, over a tenth of them
-    assert (tmp_path / "out" / "ratio.md").read_text().splitlines()[2] == "| json_answer | 7,168 | 0.000 ± 0.000 | no LoReFT group ≤ 717 | | |"
+    rows = [line for line in (tmp_path / "out" / "ratio.md").read_text().splitlines() if line.startswith("| json_answer")]
+    assert rows[0] == "| json_answer | 7,168 | lora: 0.000 ± 0.000 | no LoReFT group ≤ 717 | | |"
+    assert len(rows) == 2  # the table against the best weight update, here the same LoRA
     assert (tmp_path / "out" / "frontier.png").stat().st_size > 1000
 
 
@@ -81,7 +83,10 @@ def test_frontier_ratio_picks_lora_r8_and_the_best_loreft_under_a_tenth():
               _group("loreft", 9_224, [0.2, 0.3, 0.4]), _group("loreft", 36_896, [0.3, 0.45, 0.6]),
               _group("loreft", 69_180, [0.9, 0.9, 0.9])]  # over a tenth: not a candidate
     [row] = ratio.ratio_rows(groups)
-    assert row.startswith("| json_answer | 460,800 | 0.600 ± 0.000 | loreft 36896 (36,896) | 0.450 ± 0.373 | **0.75** ± 0.62 |")
+    assert row.startswith("| json_answer | 460,800 | lora 460800: 0.600 ± 0.000 | loreft 36896 (36,896) | 0.450 ± 0.373 | **0.75** ± 0.62 |")
+    # against the best weight update (LoRA on more modules, 2,442,240): LoReFT at 69,180 is now a candidate
+    [row] = ratio.ratio_rows(groups, ratio.best_weight_update)
+    assert row.startswith("| json_answer | 2,442,240 | lora 2442240: 0.900 ± 0.000 | loreft 69180 (69,180) | 0.900 ± 0.000 | **1.00**")
 
 
 def test_where_loreft_leaks_study_runs_its_four_sweeps_and_answers(tmp_path, monkeypatch):
