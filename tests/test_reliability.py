@@ -414,7 +414,8 @@ def test_help_texts(capsys):
 
 
 def test_analyze_lists_its_analyses_and_refuses_others(capsys):
-    out = main(["analyze"]) == 0 and capsys.readouterr().out
+    assert main(["analyze"]) == 0
+    out = capsys.readouterr().out
     assert "intruders <job dir>" in out and "known-split --out FILE" in out
     assert main(["analyze", "spectra"]) == 2
     assert capsys.readouterr().err.strip() == "reft-lab analyze: error: unknown analysis 'spectra'; allowed: intruders, known-split"

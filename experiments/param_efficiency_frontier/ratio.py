@@ -42,17 +42,17 @@ def ratio_rows(groups: list[dict], pick_reference=lora_r8_reference) -> list[str
             continue
         budget = reference["trainable_params"] / 10
         small = [g for g in in_task if g["method"] == "loreft" and g["trainable_params"] <= budget]
-        lora_gain = mean_ci(reference["values"]["task_gain"])
-        lora_cell = f"{reference['label']}: {lora_gain[0]:.3f} ± {lora_gain[1] or 0:.3f}"
+        reference_gain = mean_ci(reference["values"]["task_gain"])
+        reference_cell = f"{reference['label']}: {reference_gain[0]:.3f} ± {reference_gain[1] or 0:.3f}"
         if not small:
-            rows.append(f"| {task} | {reference['trainable_params']:,} | {lora_cell} | no LoReFT group ≤ {budget:,.0f} | | |")
+            rows.append(f"| {task} | {reference['trainable_params']:,} | {reference_cell} | no LoReFT group ≤ {budget:,.0f} | | |")
             continue
         best = max(small, key=lambda g: mean_ci(g["values"]["task_gain"])[0])
         gain = mean_ci(best["values"]["task_gain"])
         ratio = ratio_ci(best["values"]["task_gain"], reference["values"]["task_gain"])
-        ratio_cell = "undefined (LoRA's gain ≤ 0)" if ratio is None else (
+        ratio_cell = "undefined (the reference's gain ≤ 0)" if ratio is None else (
             f"**{ratio[0]:.2f}** ± {ratio[1]:.2f}" if ratio[1] is not None else f"{ratio[0]:.2f}")
-        rows.append(f"| {task} | {reference['trainable_params']:,} | {lora_cell} | {best['label']} "
+        rows.append(f"| {task} | {reference['trainable_params']:,} | {reference_cell} | {best['label']} "
                     f"({best['trainable_params']:,}) | {gain[0]:.3f} ± {gain[1] or 0:.3f} | {ratio_cell} |")
     return rows
 
