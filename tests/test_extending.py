@@ -30,9 +30,6 @@ def scaled_reft():
             linear_init_(self.W1, self.b)
             linear_init_(self.W2)
 
-        def delta(self, h):
-            return ((h @ self.W1.T + self.b) * self.scale) @ self.W2
-
         def factors(self):
             return self.W1, self.W2 * self.scale[:, None], self.b
 

@@ -6,6 +6,7 @@ import torch
 from reft_lab.interventions import INTERVENTIONS, orthonormal_rows
 from reft_lab.methods import attach
 from reft_lab.training import build_optimizer
+from conftest import DEVICE
 
 
 def _set(module, **tensors):
@@ -48,6 +49,61 @@ def test_orthonormal_rows_is_identity_on_orthonormal_input():
     q = torch.linalg.qr(torch.randn(16, 4))[0].T
     torch.testing.assert_close(orthonormal_rows(q), q, atol=1e-6, rtol=0)
     torch.testing.assert_close(orthonormal_rows(5 * q), q, atol=1e-6, rtol=0)
+
+
+def _householder_rows(raw):
+    """The reference map: Householder QR of rawᵀ, each column's sign fixed by diag(T) > 0."""
+    q, t = torch.linalg.qr(raw.double().transpose(-1, -2))
+    return (q * torch.sign(torch.diagonal(t, dim1=-2, dim2=-1)).unsqueeze(-2)).transpose(-1, -2)
+
+
+@pytest.mark.parametrize("shape", [(4, 64), (3, 2, 16), (1, 8)])
+def test_orthonormal_rows_is_the_sign_fixed_qr_map_with_its_gradient(shape):
+    raw = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weights = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+    ours = orthonormal_rows(raw)
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), raw)
+    theirs = _householder_rows(raw)
+    (grad_theirs,) = torch.autograd.grad((theirs * weights).sum(), raw)
+    torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orthonormal_rows_holds_at_condition_number_1e4(dtype):
+    torch.manual_seed(0)
+    u = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(256, 6, dtype=torch.float64))[0]
+    raw = (u @ torch.diag(torch.logspace(0, -4, 6, dtype=torch.float64)) @ v.T).to(dtype).to(DEVICE)
+    R = orthonormal_rows(raw)
+    assert R.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # the cast back to the parameter's dtype
+    torch.testing.assert_close(R.double() @ R.double().T, torch.eye(6, dtype=torch.float64, device=DEVICE), atol=tol, rtol=0)
+
+
+def test_loreft_stacked_factors_equal_each_interventions_own():
+    make = INTERVENTIONS["loreft"]
+    interventions = [make(32, 4, dtype=torch.float32).to(DEVICE) for _ in range(5)]
+    with torch.no_grad():
+        for i in interventions:
+            i.rotation.mul_(1 + torch.rand(4, 1, device=DEVICE))  # not orthonormal any more
+    for stacked, own in zip(type(interventions[0]).stacked_factors(interventions), (i.factors() for i in interventions)):
+        for a, b in zip(stacked, own):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_factors_are_computed_once_per_forward_for_every_layer(tiny, monkeypatch):
+    loreft = INTERVENTIONS["loreft"]
+    calls = []
+    original = loreft.stacked_factors.__func__
+    monkeypatch.setattr(loreft, "stacked_factors", classmethod(lambda cls, items: calls.append(len(items)) or original(cls, items)))
+    tuned = attach(tiny("llama", device=DEVICE).model, {"name": "loreft", "rank": 2, "layers": [0, 1, 2], "positions": "f2+l2"})
+    ids, lengths = torch.randint(3, 250, (2, 8), device=DEVICE), torch.tensor([5, 6], device=DEVICE)
+    tuned(ids, labels=ids, prompt_lengths=lengths).loss.backward()
+    with torch.no_grad():
+        tuned(ids, prompt_lengths=lengths)
+    assert calls == [6, 6], "one batched call per forward, over all 3 layers × 2 position groups"
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in tuned.interventions.named_parameters() if "rotation" in n)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

@@ -47,6 +47,17 @@ def test_forward_and_every_gradient_match_reference(dtype, atol, rtol, shape):
         torch.testing.assert_close(x, y, atol=atol * scale, rtol=rtol, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_saves_the_edited_rows_in_their_own_dtype(dtype):
+    """Saved rows are the input rows exactly: in bf16 they take half the bytes of an fp32 copy."""
+    (h, A, B, b), index, valid = _inputs(SHAPES[1], dtype)
+    out = fused_low_rank_edit(h.detach().clone(), index, valid, A, B, b)
+    rows = [t for t in out.grad_fn.saved_tensors if t.shape == (index.numel(), h.shape[-1])]
+    assert len(rows) == 1 and rows[0].dtype == dtype
+    selected = h.detach().reshape(-1, h.shape[-1])[(torch.arange(3, device=DEVICE)[:, None] * h.shape[1] + index).reshape(-1)]
+    assert torch.equal(rows[0][valid.reshape(-1)], selected[valid.reshape(-1)])
+
+
 def test_padding_and_unselected_rows_pass_through():
     (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
     out = fused_low_rank_edit(h, index, valid, A, B, b)
@@ -248,3 +259,20 @@ def test_kernel_benchmark_writes_every_row(tmp_path):
             assert {(provider, mode, dtype) for mode in ("fwd", "bwd", "full")} <= seen
     assert all(float(r["median_ms"]) > 0 for r in rows)
     assert {r["params_dtype"] for r in rows if r["provider"] == "pyreft"} == {"float32"}
+
+
+def test_factor_benchmark_writes_both_providers_and_counts_fewer_ops_when_stacked(tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "kernels" / "bench_factors.py"
+    out = tmp_path / "factors.csv"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out), "--interventions", "6", "--hidden", "32",
+                           "--warmup", "1", "--repeats", "2", "--device", DEVICE], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["provider"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"per_intervention_householder", "stacked_cholesky"}
+    assert int(rows["stacked_cholesky"]["aten_ops"]) < int(rows["per_intervention_householder"]["aten_ops"]) / 3
+    assert all(float(r["median_ms"]) > 0 for r in rows.values())

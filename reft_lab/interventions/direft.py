@@ -29,8 +29,5 @@ class DiReFT(Intervention):
             linear_init_(self.W1, self.b)
             linear_init_(self.W2)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ self.W1.T + self.b) @ self.W2
-
     def factors(self):
         return self.W1, self.W2, self.b

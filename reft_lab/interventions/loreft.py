@@ -18,8 +18,9 @@ class LoReFT(Intervention):
     """Φ(h) = h + Rᵀ(Wh + b − Rh)  (Wu et al. 2024, arXiv 2404.03592, eq. 2).
 
     R ∈ ℝ^{r×d} has orthonormal rows, W ∈ ℝ^{r×d}, b ∈ ℝ^r. R is stored unconstrained as
-    ``rotation`` and orthonormalised once per call (``orthonormal_rows``); the call computes
-    Δ = Rᵀ((W − R)h + b), one projection instead of pyreft's two.
+    ``rotation`` and orthonormalised once per forward of the model, for every intervention at once
+    (``stacked_factors``); the edit computes Δ = Rᵀ((W − R)h + b), one projection instead of
+    pyreft's two.
     """
 
     no_decay = ("rotation",)
@@ -38,10 +39,13 @@ class LoReFT(Intervention):
     def R(self) -> torch.Tensor:
         return orthonormal_rows(self.rotation)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        A, R, b = self.factors()
-        return (h @ A.T + b) @ R
-
     def factors(self):
-        R = self.R  # orthonormalised once per call
+        R = self.R
         return self.W - R, R, self.b
+
+    @classmethod
+    def stacked_factors(cls, interventions):
+        """All rotations orthonormalised in one batched call, A = W − R in one subtraction."""
+        R = orthonormal_rows(torch.stack([i.rotation for i in interventions]))
+        A = torch.stack([i.W for i in interventions]) - R
+        return [(a, r, i.b) for a, r, i in zip(A.unbind(), R.unbind(), interventions)]

@@ -25,8 +25,5 @@ class NoReFT(Intervention):
             linear_init_(self.R)
             linear_init_(self.W, self.b)
 
-    def delta(self, h: torch.Tensor) -> torch.Tensor:
-        return (h @ (self.W - self.R).T + self.b) @ self.R
-
     def factors(self):
         return self.W - self.R, self.R, self.b

@@ -5,7 +5,7 @@ call, outside the kernel); DiReFT uses A = W₁, B = W₂. Positions are (index,
 ``reft_lab.positions``: no position appears twice, padding slots are invalid.
 
 Forward, one program per block of selected rows: read each row once, z = A h + b (rank r, kept on
-chip, fp32), write h + Bᵀz once; save the original rows and z for backward. Backward, one program
+chip, fp32), write h + Bᵀz once; save the original rows (in their own dtype) and z for backward. Backward, one program
 per row block: u = B dy and dh = dy + Aᵀu (rows not selected pass dy through). The factor
 gradients are then two skinny matmuls over the selected rows, dA = uᵀH and dB = zᵀdY, and
 db = Σ u: [n, r] and [n, d] operands instead of per-program [r, d] partial sums (which were
@@ -71,9 +71,11 @@ def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
     pid = tl.program_id(0)
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
     ptrs = H + row[:, None] * d + cols[None, :]
-    h = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # accumulate in fp32
-    if SAVE:  # only when a gradient will be asked for; slots not live save zeros (dA = uᵀH reads every slot)
-        tl.store(SAVED + m[:, None] * d + cols[None, :], h, mask=(m < n_rows)[:, None] & cmask[None, :])
+    h_in = tl.load(ptrs, mask=mask, other=0.0)
+    h = h_in.to(tl.float32)  # accumulate in fp32
+    if SAVE:  # only when a gradient will be asked for, in h's own dtype (exact, half the bytes of fp32 for
+        # bf16); slots not live save zeros (dA = uᵀH reads every slot)
+        tl.store(SAVED + m[:, None] * d + cols[None, :], h_in, mask=(m < n_rows)[:, None] & cmask[None, :])
     if MULTI:  # each selected row's adapter: factor rows are read per row (from cache) instead of once
         ad = tl.load(ADAPTER + m, mask=live, other=0)
         factor = ad[:, None] * RANK * d + cols[None, :]
@@ -134,7 +136,7 @@ class _FusedEdit(torch.autograd.Function):
         rows = _flat_rows(out, index).contiguous()
         flags = valid.reshape(-1).to(torch.int8).contiguous()
         n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[0]
-        saved = torch.empty(n_rows if save else 0, d, dtype=torch.float32, device=out.device)
+        saved = torch.empty(n_rows if save else 0, d, dtype=out.dtype, device=out.device)
         z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
         block_m, block_d, grid = _launch_shape(n_rows, d)
         _edit_fwd[(grid,)](out, rows, flags, saved, z, A.contiguous(), B.contiguous(), b.contiguous(), flags, n_rows, d,
@@ -156,7 +158,7 @@ class _FusedEdit(torch.autograd.Function):
                                RANK=rank, BLOCK_M=ctx.block_m, BLOCK_D=ctx.block_d)
         # dA = Σ u hᵀ, dB = Σ z dyᵀ over the selected rows (z, u are 0 on padding slots), in fp32
         dy_rows = grad_out.reshape(-1, d).index_select(0, rows).float()
-        dA, dB, db = (u.T @ saved).to(A.dtype), (z.T @ dy_rows).to(B.dtype), u.sum(0).to(ctx.bias_dtype)
+        dA, dB, db = (u.T @ saved.float()).to(A.dtype), (z.T @ dy_rows).to(B.dtype), u.sum(0).to(ctx.bias_dtype)
         return grad_hidden, None, None, dA, dB, db
 
 

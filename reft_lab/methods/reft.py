@@ -2,7 +2,8 @@
 
 Each chosen decoder layer gets a forward hook that edits its output at the prompt positions of the
 current batch: gather the selected rows once, add each intervention's Δ, scatter back. Positions
-are built once per batch (``reft_lab.positions``), never per hook.
+are built once per batch (``reft_lab.positions``), and the interventions' factors once per forward
+(``ReftModel._factors``), never per hook.
 """
 
 from __future__ import annotations
@@ -147,11 +148,22 @@ class ReftModel(TunedModel):
         self._expanded: tuple[int, Positions, torch.Tensor | None] | None = None  # positions repeated for beams
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
+        self._factor_table: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._hooks = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
         self._hooks.append(model.register_forward_pre_hook(self._count_call))
 
     def _count_call(self, module, args):
         self._forward_calls += 1
+        self._factor_table = None  # new parameters since the last forward, maybe
+
+    def _factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Intervention ``key``'s (A, B, b) for this forward. Every intervention's are computed at the
+        first edit of a forward, together (``Intervention.stacked_factors``); with gradient
+        checkpointing, the layers recomputed in backward reuse them."""
+        if self._factor_table is None:
+            keys, modules = zip(*self.interventions.items())
+            self._factor_table = dict(zip(keys, type(modules[0]).stacked_factors(list(modules))))
+        return self._factor_table[key]
 
     def _hook(self, layer: int):
         routes = [(intervention_key(layer, g), cols) for g, cols in self.groups.items()]
@@ -167,13 +179,12 @@ class ReftModel(TunedModel):
                     from reft_lab.kernels import fused_low_rank_edit as edit
                 else:
                     edit = low_rank_edit
-                source = self.bank if self.bank is not None else self.interventions
                 for key, cols in routes:
-                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *source[key].factors(),
-                                  adapter_ids)
+                    factors = self.bank[key].factors() if self.bank is not None else self._factors(key)
+                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *factors, adapter_ids)
             else:
                 hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
-                    [self.interventions[key].edit(rows[:, cols]) for key, cols in routes], 1))
+                    [self.interventions[key].edit(rows[:, cols], self._factors(key)) for key, cols in routes], 1))
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
@@ -254,6 +265,7 @@ class ReftModel(TunedModel):
 
     def train(self, mode: bool = True):
         self._active = None  # positions of a training batch never leak into evaluation
+        self._factor_table = None
         return super().train(mode)
 
     def forward(self, input_ids, attention_mask=None, prompt_lengths=None, adapter_ids=None, **kwargs):
