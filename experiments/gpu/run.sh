@@ -9,7 +9,7 @@
 # in .gpu/smol (prepare.sh copies it; else the model must already be converted in the cache).
 #
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
-# benchmark), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
+# benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
 # included), train.jsonl (short real `reft-lab train` jobs: tokens/s, first step) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
@@ -30,6 +30,7 @@ echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest
 
 echo "== fused kernel vs eager vs pyreft"
 timeout 150 $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+timeout 60 $PY experiments/kernels/bench_factors.py --device cuda --out "$OUT/factors.csv"; echo "factors rc=$?"
 
 echo "== one training step at four scales (each provider alone)"
 for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
