@@ -22,7 +22,7 @@ from reft_lab.adapters import save_adapter
 from reft_lab.atomic import atomic_write_json
 from reft_lab.data.batching import PromptEncoder, encode_examples
 from reft_lab.errors import ReftLabError, config_error
-from reft_lab.evaluation.suite import Suite, evaluate_base, evaluate_tuned
+from reft_lab.evaluation.suite import Suite, check_probe_held_out, evaluate_base, evaluate_tuned
 from reft_lab.loggers import NullLogger, make_logger
 from reft_lab.methods import TunedModel, attach
 from reft_lab.methods.none import NoneConfig
@@ -61,6 +61,7 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     dist_info = distributed.setup()
     seed_everything(settings.seed)  # same seed on every process: identical initial interventions
     task = load_task(settings.task, settings.seed)  # data errors surface before the model loads
+    check_probe_held_out(task, settings.retention)
     loaded = load_model(settings.model, device=dist_info.device())
     if loaded.on_meta:
         raise config_error("model.name_or_path", settings.model.name_or_path, "a model with weights: this one loads on the meta device (accounting only, see `reft-lab params`)")
@@ -71,6 +72,12 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     check_step_fits(loaded.model, data, [e.source for e in task.train], settings.trainer.batch_size,
                     settings.trainer.gradient_checkpointing, train_dtype(settings, loaded.model))
     fingerprint_before = fingerprint(loaded.model)
+    if task.base_fingerprint not in (None, fingerprint_before):
+        raise config_error("task.path", settings.task.path,
+                           f"data derived from this run's base model: it was derived from a base with fingerprint "
+                           f"{task.base_fingerprint[:12]}, this run's {loaded.name} has {fingerprint_before[:12]} "
+                           "(another model or dtype; for probe_known/probe_unknown: `reft-lab analyze known-split "
+                           "--out FILE` with this run's model overrides)")
     if dist_info.main:
         base = TunedModel(loaded.model, NoneConfig())
         base_results = evaluate_base(base, suite, fingerprint_before)

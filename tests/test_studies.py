@@ -144,3 +144,31 @@ def test_new_knowledge_study_trains_on_unknown_and_known_facts(tmp_path, monkeyp
     # 31 questions after the head: 10 known, 21 unknown; both tasks train on 5 and test on the other 5 known facts
     assert [set(j["task_scores"]["after"]) for j in jobs] == [{"answer_correct"}] * 2
     assert [len(j["curve"]) for j in jobs] == [2, 2] and "calibration" in report
+
+
+def test_probe_fact_runs_refuse_a_split_of_another_base_and_a_probe_reaching_trained_facts(tmp_path, capsys):
+    from reft_lab.accounting import fingerprint
+    from reft_lab.cli import main
+    from reft_lab.models import ModelConfig, load_model
+
+    questions = [{"index": i, "question": q["question"], "answers": q["answers"], "base_output": "", "known": i % 3 == 0}
+                 for i, q in enumerate(read_retention("knowledge_probe"))]
+    split = tmp_path / "split.json"
+    run = [*TINY, "method=lora", "task=probe_unknown", f"task.path={split}", "task.test_size=2"]
+
+    def train(name: str, *extra: str) -> tuple[int, str]:
+        code = main(["train", f"hydra.run.dir={tmp_path / name}", *run, *extra])
+        return code, capsys.readouterr().err
+
+    split.write_text(json.dumps({"model": "tiny:llama", "base_fingerprint": "0" * 64, "head": 200, "questions": questions}))
+    code, err = train("other_base")
+    assert code == 2 and "task.path=" in err and "fingerprint 000000000000" in err and "known-split" in err, err
+    assert not (tmp_path / "other_base" / "adapter").exists()
+
+    tiny_fingerprint = fingerprint(load_model(ModelConfig(name_or_path="tiny:llama")).model)
+    split.write_text(json.dumps({"model": "tiny:llama", "base_fingerprint": tiny_fingerprint, "head": 200, "questions": questions}))
+    code, err = train("probe_too_long", "retention.knowledge_probe=210")
+    assert code == 2 and "retention.knowledge_probe=210 is not allowed: an integer in [0, 200] here" in err, err
+    code, err = train("ok")
+    assert code == 0, err
+    assert read_metrics(tmp_path / "ok" / "metrics.json")["status"] == "ok"

@@ -17,6 +17,7 @@ import torch
 from reft_lab.atomic import atomic_write_json
 from reft_lab.data import read_retention
 from reft_lab.data.batching import PromptEncoder, fit_prompt
+from reft_lab.errors import config_error
 from reft_lab.evaluation.generation import generate
 from reft_lab.evaluation.retention import PROBES, RETENTION
 from reft_lab.methods import TunedModel
@@ -36,8 +37,6 @@ class EvalConfig:
     batch_size: int = 32  # generation batch
 
     def __post_init__(self):
-        from reft_lab.errors import config_error
-
         limits = {"knowledge_probe": len(read_retention("knowledge_probe")),
                   "kl_prompts": len(read_retention("general_prompts")),
                   "leakage_prompts": len(read_retention("off_task_prompts")), "kl_tokens": 256, "batch_size": 4096}
@@ -56,6 +55,18 @@ class BaseResults:
     task_scores: dict[str, float]
     observed: dict[str, Any]  # probe name → observations
     references: dict[str, Any] = field(default_factory=dict)  # probe name → what the tuned phase needs of the base
+
+
+def check_probe_held_out(task: Task, cfg: EvalConfig) -> None:
+    """Retention's knowledge probe must ask about facts the run does not train on: refuse a
+    ``retention.knowledge_probe`` that reaches the first probe question among the training prompts."""
+    trained = {e.prompt for e in task.train}
+    probe = read_retention("knowledge_probe")[: cfg.knowledge_probe]
+    first = next((i for i, q in enumerate(probe) if q["question"] in trained), None)
+    if first is not None:
+        raise config_error("retention.knowledge_probe", cfg.knowledge_probe,
+                           f"an integer in [0, {first}] here: task {task.name} trains on probe question {first} "
+                           f"({probe[first]['question']!r}), and retention is measured on facts the run does not train on")
 
 
 class Suite:

@@ -73,14 +73,17 @@ class TaskKind:
     """What ``register_task`` records: ``load(cfg, seed) → (train, test)``; ``score(output,
     example) → {score name: value}``, one of which is ``metric``; ``has_format(output)`` says whether
     an output takes the task's format (None: the task has no distinct format, no leakage measured);
-    ``check(cfg)`` raises a ConfigError for settings the task cannot use; ``defaults``: the task's
-    own TaskConfig defaults (``???`` for a key the user must give)."""
+    ``check(cfg)`` raises a ConfigError for settings the task cannot use; ``base_fingerprint(cfg)``:
+    the fingerprint of the base model the task's data was derived from (a run on another base is
+    refused), None when the data does not depend on a model; ``defaults``: the task's own
+    TaskConfig defaults (``???`` for a key the user must give)."""
 
     load: Callable[[TaskConfig, int], tuple[list[Example], list[Example]]]
     score: Scorer
     metric: str
     has_format: Callable[[str], bool] | None = None
     check: Callable[[TaskConfig], None] | None = None
+    base_fingerprint: Callable[[TaskConfig], str | None] | None = None
     defaults: dict = field(default_factory=dict)
 
 
@@ -103,6 +106,7 @@ class Task:
     scorer: Scorer
     has_format: Callable[[str], bool] | None = None  # leakage detector; None: task has no distinct format
     max_new_tokens: int = 32
+    base_fingerprint: str | None = None  # the base model the data was derived from (TaskKind.base_fingerprint)
 
     def score(self, outputs: list[str], examples: list[Example]) -> dict[str, float]:
         rows = [self.scorer(o, ex) for o, ex in zip(outputs, examples)]
@@ -158,7 +162,7 @@ def load_task(cfg: TaskConfig, seed: int = 0) -> Task:
     train = _take(train, cfg.train_size, "task.train_size", "train")
     test = _take(test, cfg.test_size, "task.test_size", "test")
     return Task(name=cfg.name, train=train, test=test, metric=kind.metric, scorer=kind.score, has_format=kind.has_format,
-                max_new_tokens=cfg.max_new_tokens)
+                max_new_tokens=cfg.max_new_tokens, base_fingerprint=kind.base_fingerprint(cfg) if kind.base_fingerprint else None)
 
 
 from reft_lab.tasks import builtin  # noqa: E402,F401  (registers the shipped tasks)

@@ -136,6 +136,15 @@ def _check_split(cfg: TaskConfig) -> None:
         raise config_error("task.path", cfg.path, "the JSON file `reft-lab analyze known-split --out FILE` wrote")
 
 
+def _split_fingerprint(cfg: TaskConfig) -> str | None:
+    """The base model the split was computed with (``known-split`` records it; a hand-made split
+    may not, and is not checked)."""
+    try:
+        return json.loads(Path(cfg.path).expanduser().read_text(encoding="utf-8")).get("base_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None  # the loader has already said what is wrong with the file
+
+
 def _probe_facts(kind: str):
     """Train on probe facts the base model answered right (``known``) or wrong (``unknown``), after
     the split's retention head; test on known facts neither task trains on. Both tasks train on
@@ -201,7 +210,8 @@ for _how in ("shuffled", "constant"):
                                                   has_format=looks_like_json, defaults={"max_new_tokens": 16}))
 for _kind in ("known", "unknown"):  # experiments/new_knowledge
     register_task(f"probe_{_kind}", TaskKind(load=_probe_facts(_kind), score=score_contains, metric="answer_correct",
-                                             check=_check_split, defaults={"path": "???", "max_new_tokens": PROBE_TOKENS}))
+                                             check=_check_split, base_fingerprint=_split_fingerprint,
+                                             defaults={"path": "???", "max_new_tokens": PROBE_TOKENS}))
 register_task("jsonl", TaskKind(load=_load_jsonl, score=score_exact, metric="exact_match", check=_check_jsonl,
                                 defaults={"path": "???"}))
 register_task("hf", TaskKind(load=lambda cfg, seed: (_hf_split(cfg, cfg.train_split), _hf_split(cfg, cfg.test_split)),
