@@ -26,7 +26,7 @@ from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods import ReftModel, TunedModel, attach, method_config
 from reft_lab.methods.reft import intervention_key
-from reft_lab.models.layers import hidden_size
+from reft_lab.models.layers import decoder_layers, hidden_size
 
 CONFIG_FILE = "reft_lab_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -123,6 +123,14 @@ def load_adapter(model: torch.nn.Module, directory: str | Path, base_name: str =
 BANK_LAYOUT = ("layers", "positions", "tied", "rank")  # what K adapters served together must share
 
 
+def _layout(method: dict, key: str, model: torch.nn.Module):
+    """One key of an adapter's layout, as it applies to ``model``: layers as the indices they name
+    (``late:4`` and the list of those four layers are one layout)."""
+    if key == "layers":
+        return method_config(method).layer_indices(len(decoder_layers(model)))
+    return method.get(key)
+
+
 def load_adapter_bank(model: torch.nn.Module, directories: list[str | Path], base_name: str = "") -> ReftModel:
     """Serve several ReFT adapters of one base model and one layout at once: the returned model's
     ``generate``/``forward`` take ``adapter_ids`` and edit row i with adapter ``adapter_ids[i]``
@@ -137,7 +145,7 @@ def load_adapter_bank(model: torch.nn.Module, directories: list[str | Path], bas
             raise AdapterError(f"adapter {directory}: method {config['method']['name']!r} is not a ReFT method; "
                                "only ReFT adapters can be served together")
         for key in BANK_LAYOUT:
-            if config["method"].get(key) != first.get(key):
+            if _layout(config["method"], key, model) != _layout(first, key, model):
                 raise AdapterError(f"adapter {directory}: method.{key} is {config['method'].get(key)!r}, but "
                                    f"{directories[0]} has {first.get(key)!r}; adapters served together share {', '.join(BANK_LAYOUT)}")
     actual = fingerprint(model)

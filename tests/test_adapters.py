@@ -220,6 +220,15 @@ def test_adapter_bank_refuses_mixed_layouts_and_other_methods(tiny, tmp_path):
         load_adapter_bank(tiny().model, [a, tmp_path / "lora"])
 
 
+def test_adapter_bank_takes_a_layer_span_and_the_list_of_its_layers_as_one_layout(tiny, tmp_path):
+    from reft_lab.adapters import load_adapter_bank
+
+    span = _saved_reft(tiny, tmp_path / "span", {"name": "loreft", **{**BANK, "layers": "spread:2"}}, 0)  # layers 1, 3 of 4
+    listed = _saved_reft(tiny, tmp_path / "listed", {"name": "loreft", **{**BANK, "layers": [1, 3]}}, 1)
+    served = load_adapter_bank(tiny().model, [span, listed])
+    assert served.layer_ids == [1, 3] and len(served.bank) == 2 * 2  # 2 layers × 2 position groups
+
+
 def test_generate_cli_serves_several_adapters(tiny, tmp_path, capsys):
     from reft_lab.cli import main
 
