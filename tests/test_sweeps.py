@@ -182,7 +182,7 @@ def test_group_labels_name_what_differs_and_shorten_long_lists():
 
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     labels = sorted(g["label"] for g in group([row(None, 0), row(None, 1), row(linear, 0)]))
-    assert labels == ["lora (target_modules=None)", "lora (target_modules=[q_proj, … 7])"]
+    assert labels == ["lora (target_modules=[q_proj, … 7])", "lora (target_modules=default)"]
 
 
 def test_ratio_of_means_has_a_delta_method_interval():

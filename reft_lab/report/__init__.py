@@ -245,7 +245,10 @@ def _label(groups: list[dict]) -> None:
 
 
 def _short(value) -> str:
-    """A config value for a label: long lists (LoRA's seven target modules) by their first entry and length."""
+    """A config value for a label: long lists (LoRA's seven target modules) by their first entry and
+    length; null (the method's own default, e.g. peft's target modules) as "default"."""
+    if value is None:
+        return "default"
     if isinstance(value, list) and len(value) > 3:
         return f"[{value[0]}, … {len(value)}]"
     return str(value)

@@ -223,8 +223,8 @@ def intruder_plot(path: Path, groups: list[dict]) -> bool:
 
 def frontier_plot(path: Path, groups: list[dict]) -> bool:
     """Task gain against trainable parameters (log axis), a panel per task, a point per group with
-    its 95% CI: the parameter-efficiency frontier. False (nothing drawn) unless some task has groups
-    of different sizes."""
+    its 95% CI, numbered (the key below names each number and its size): the parameter-efficiency
+    frontier. False (nothing drawn) unless some task has groups of different sizes."""
     by_task = defaultdict(list)
     for g in groups:
         if g["stats"]["task_gain"][0] is not None:
@@ -232,23 +232,46 @@ def frontier_plot(path: Path, groups: list[dict]) -> bool:
     tasks = sorted(t for t, same in by_task.items() if len({g["trainable_params"] for g in same}) > 1)
     if not tasks:
         return False
+    drawn = sorted((g for t in tasks for g in by_task[t]), key=lambda g: (g["task"], g["trainable_params"], g["label"]))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.4 * len(tasks), 4.8), dpi=120, squeeze=False)
-    colours = _method_colours(plt, [g for t in tasks for g in by_task[t]])
-    for ax, task in zip(axes.flat, tasks):
-        for g in by_task[task]:
-            y, ye = g["stats"]["task_gain"]
-            ax.errorbar([g["trainable_params"]], [y], yerr=ye, fmt="o", color=colours[g["method"]], capsize=3)
-            ax.annotate(g["label"], (g["trainable_params"], y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    fig, axes = _figure_with_key(plt, len(tasks), len(drawn))
+    colours = _method_colours(plt, drawn)
+    for ax, task in zip(axes, tasks):
+        for number, g in enumerate(drawn, 1):
+            if g["task"] == task:
+                y, ye = g["stats"]["task_gain"]
+                ax.errorbar([g["trainable_params"]], [y], yerr=ye, fmt="o", color=colours[g["method"]], capsize=3, alpha=0.8)
+                ax.annotate(str(number), (g["trainable_params"], y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel("task gain (after − before), mean ± 95% CI")
         ax.set_title(f"Parameter efficiency on {task}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         _method_legend(ax, colours)
-    fig.tight_layout()
-    _save(fig, path)
+    _save_with_key(fig, path, [f"{g['task']}, {g['label']}: {g['trainable_params']:,} params" for g in drawn])
     return True
+
+
+def _figure_with_key(plt, panels: int, entries: int):
+    """A row of ``panels`` axes with room below for a key of ``entries`` numbered lines, set in one
+    column per panel."""
+    lines = math.ceil(entries / panels)
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.8 + KEY_LINE * lines), dpi=120, squeeze=False)
+    return fig, list(axes.flat)
+
+
+def _save_with_key(fig, path: Path, entries: list[str]) -> None:
+    """Write the numbered key (``1: …``) under the axes of ``_figure_with_key``, then save."""
+    panels = len(fig.axes)
+    lines = math.ceil(len(entries) / panels)
+    numbered = [f"{n}: {entry}" for n, entry in enumerate(entries, 1)]
+    for column in range(panels):
+        fig.text(0.01 + column / panels, 0.01, "\n".join(numbered[column * lines:(column + 1) * lines]), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, KEY_LINE * lines / fig.get_figheight() + 0.02, 1, 1))
+    _save(fig, path)
+
+
+KEY_LINE = 0.13  # inches per line of a figure's numbered key (7 pt text)
 
 
 DRIFT_KEYS = (("retention.kl_drift.after", "KL drift (mean per-token KL(base ‖ tuned))"),
@@ -264,7 +287,7 @@ def drift_plot(path: Path, groups: list[dict]) -> bool:
     if not drawn:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(DRIFT_KEYS), figsize=(6.4 * len(DRIFT_KEYS), 4.8 + 0.18 * len(drawn)), dpi=120)
+    fig, axes = _figure_with_key(plt, len(DRIFT_KEYS), len(drawn))
     colours = _method_colours(plt, drawn)
     for ax, (key, name) in zip(axes, DRIFT_KEYS):
         for number, g in enumerate(drawn, 1):
@@ -277,7 +300,5 @@ def drift_plot(path: Path, groups: list[dict]) -> bool:
         _method_legend(ax, colours)
     axes[0].set_title("Task gain vs drift from the base", fontsize=10)
     axes[1].set_title("Task gain vs leakage", fontsize=10)
-    fig.text(0.01, 0.01, "\n".join(f"{n}: {g['task']}, {g['label']}" for n, g in enumerate(drawn, 1)), fontsize=7, va="bottom")
-    fig.tight_layout(rect=(0, 0.18 * len(drawn) / (4.8 + 0.18 * len(drawn)) + 0.02, 1, 1))
-    _save(fig, path)
+    _save_with_key(fig, path, [f"{g['task']}, {g['label']}" for g in drawn])
     return True
