@@ -172,3 +172,19 @@ def test_probe_fact_runs_refuse_a_split_of_another_base_and_a_probe_reaching_tra
     code, err = train("ok")
     assert code == 0, err
     assert read_metrics(tmp_path / "ok" / "metrics.json")["status"] == "ok"
+
+
+def test_frontier_redraw_groups_the_committed_rows_by_preset(tmp_path):
+    spec = importlib.util.spec_from_file_location("redraw", ROOT / "experiments" / "param_efficiency_frontier" / "redraw.py")
+    redraw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(redraw)
+    out = tmp_path / "frontier.png"
+    assert redraw.main([str(ROOT / "experiments" / "param_efficiency_frontier" / "results" / "report.csv"), "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    import csv
+
+    with (ROOT / "experiments" / "param_efficiency_frontier" / "results" / "report.csv").open() as f:
+        groups = redraw.groups_from_rows(list(csv.DictReader(f)))
+    assert len(groups) == 30  # 15 presets × 2 tasks, 3 seeds each
+    [r4] = [g for g in groups if g["task"] == "json_answer" and g["label"] == "loreft_r4_4layers"]
+    assert r4["trainable_params"] == 36_896 and round(r4["stats"]["task_gain"][0], 3) == 0.635  # the README's table
