@@ -1,16 +1,16 @@
 """Fused low-rank edit of selected rows: h ← h + Bᵀ(A h + b) at positions (b, index[b, p]).
 
 Every ReFT variant here is this edit: LoReFT and NoReFT use A = W − R, B = R (A formed once per
-call, outside the kernel); DiReFT uses A = W₁, B = W₂. Positions are (index, valid) tensors from
+forward of the model, outside the kernel); DiReFT uses A = W₁, B = W₂. Positions are (index, valid) tensors from
 ``reft_lab.positions``: no position appears twice, padding slots are invalid.
 
 Forward, one program per block of selected rows: read each row once, z = A h + b (rank r, kept on
-chip, fp32), write h + Bᵀz once; save the original rows (in their own dtype) and z for backward. Backward, one program
-per row block: u = B dy and dh = dy + Aᵀu (rows not selected pass dy through). The factor
-gradients are then two skinny matmuls over the selected rows, dA = uᵀH and dB = zᵀdY, and
-db = Σ u: [n, r] and [n, d] operands instead of per-program [r, d] partial sums (which were
-grid × r × d fp32: 512 MiB at 128×32 rows of d = 4096, r8). Autograd carries dA, dB to W, R (and
-through R's orthonormalisation) outside the kernel.
+chip, fp32), write h + Bᵀz once; save the original rows (in their own dtype) and z for backward.
+Backward, one program per row block: u = B dy and dh = dy + Aᵀu (rows not selected pass dy
+through). The factor gradients are then two skinny matmuls over the selected rows, dA = uᵀH and
+dB = zᵀdY, and db = Σ u: [n, r] and [n, d] operands instead of per-program [r, d] partial sums
+(which were grid × r × d fp32: 512 MiB at 128×32 rows of d = 4096, r8). Autograd carries dA, dB to
+W, R (and through R's orthonormalisation) outside the kernel.
 
 Per-row adapter selection (inference): with K stacked adapters, A, B are [K, r, d] and each
 selected row reads the factors of its batch row's adapter, so one launch serves a batch that mixes
