@@ -153,16 +153,24 @@ class ReftModel(TunedModel):
         self._hooks.append(model.register_forward_pre_hook(self._count_call))
 
     def _count_call(self, module, args):
+        """Model forward pre-hook: count the call and, when this forward edits, compute every
+        intervention's factors for it, together (``Intervention.stacked_factors``). Here, before
+        any layer runs: where transformers checkpoints a layer's hooks with it (4.x), factors
+        first computed inside a layer would be saved by its forward and not by its recomputation."""
         self._forward_calls += 1
         self._factor_table = None  # new parameters since the last forward, maybe
+        if self._active is not None and self.bank is None and not (self._prompt_only and self._forward_calls > 1):
+            self._factor_table = self._stacked_factors()
+
+    def _stacked_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        keys, modules = zip(*self.interventions.items())
+        return dict(zip(keys, type(modules[0]).stacked_factors(list(modules))))
 
     def _factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Intervention ``key``'s (A, B, b) for this forward. Every intervention's are computed at the
-        first edit of a forward, together (``Intervention.stacked_factors``); with gradient
-        checkpointing, the layers recomputed in backward reuse them."""
+        """Intervention ``key``'s (A, B, b) for this forward (computed by ``_count_call``; by the
+        first edit when a layer runs outside a forward of the model)."""
         if self._factor_table is None:
-            keys, modules = zip(*self.interventions.items())
-            self._factor_table = dict(zip(keys, type(modules[0]).stacked_factors(list(modules))))
+            self._factor_table = self._stacked_factors()
         return self._factor_table[key]
 
     def _hook(self, layer: int):
