@@ -235,8 +235,8 @@ def _floor_step(model, batch):
     return step
 
 
-def profile_step(provider: str, model_name: str, warmup: int) -> str:
-    """Where one step's time goes: torch.profiler's table by self time, after ``warmup`` steps."""
+def _profiled_step(provider: str, model_name: str, warmup: int):
+    """torch.profiler's record of one step of ``provider``, after ``warmup`` steps."""
     from torch.profiler import ProfilerActivity, profile
 
     step = make_step(provider, model_name)
@@ -245,8 +245,22 @@ def profile_step(provider: str, model_name: str, warmup: int) -> str:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         step()
+    return prof
+
+
+def profile_step(provider: str, model_name: str, warmup: int) -> str:
+    """Where one step's time goes: torch.profiler's table by self time, after ``warmup`` steps."""
+    prof = _profiled_step(provider, model_name, warmup)
     return prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total",
                                      row_limit=20)
+
+
+def count_ops(provider: str, model_name: str, warmup: int) -> int:
+    """The aten ops one step dispatches, forward, backward and optimizer, counting only ops not
+    called by another op: on CUDA each is about one kernel launch, what bounds a small model's step.
+    Counted on any device (the CPU runs the eager edit where CUDA would run the fused kernel)."""
+    prof = _profiled_step(provider, model_name, warmup)
+    return sum(1 for event in prof.events() if event.name.startswith("aten::") and event.cpu_parent is None)
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -435,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder the JSON-lines record and the CSV table are appended to")
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS, help="intervened layers (config A: 6 12 18 24)")
     parser.add_argument("--profile", default=None, choices=PROVIDERS, help="print torch.profiler's op table of one step of this provider")
+    parser.add_argument("--ops", action="store_true",
+                        help="print how many aten ops one step of each provider dispatches (about one kernel launch each on CUDA)")
     parser.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)  # internal: one provider's memory
     opts = parser.parse_args(argv)
     for key in ("warmup", "steps", "memory_steps"):
@@ -445,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
         opts.model = set_scale(opts.scale)
     if opts.profile:
         print(profile_step(opts.profile, opts.model, opts.warmup))
+        return 0
+    if opts.ops:
+        counts = {p: count_ops(p, opts.model, opts.warmup) for p in opts.providers}
+        print(json.dumps({"machine": machine(), "model": opts.model, "aten_ops_per_step": counts}, indent=2))
         return 0
     if opts.memory_only:
         print(json.dumps({"provider": opts.memory_only, "peak_train_bytes": measure_memory(opts.memory_only, opts.model, opts.memory_steps)}))

@@ -278,6 +278,14 @@ def test_bench_profile_prints_the_op_table(capsys):
     assert "aten::mm" in out and "Self CPU time total" in out
 
 
+def test_bench_ops_counts_each_providers_dispatched_ops(capsys):
+    assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "1", "--ops",
+                 "--providers", "reft_lab_loreft", "floor"]) == 0
+    counts = json.loads(capsys.readouterr().out)["aten_ops_per_step"]
+    # the edit and its optimizer state cost ops beyond the plain base's forward and backward
+    assert set(counts) == {"reft_lab_loreft", "floor"} and counts["reft_lab_loreft"] > counts["floor"] > 100
+
+
 @pytest.mark.parametrize("device", sorted({"cpu", DEVICE}))
 def test_prefix_cache_entries_are_copies_of_their_rows_on_the_model_device(tiny, device):
     tuned = attach(tiny(device=device).model, {"name": "loreft", "layers": [2]})
