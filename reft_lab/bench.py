@@ -255,12 +255,30 @@ def profile_step(provider: str, model_name: str, warmup: int) -> str:
                                      row_limit=20)
 
 
+# aten ops that only make a new view of a tensor: no kernel runs for them
+VIEW_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand", "aten::slice", "aten::select",
+            "aten::transpose", "aten::t", "aten::numpy_T", "aten::permute", "aten::unsqueeze", "aten::squeeze",
+            "aten::as_strided", "aten::alias", "aten::detach", "aten::unbind", "aten::split", "aten::chunk",
+            "aten::narrow", "aten::view_as", "aten::expand_as", "aten::unflatten", "aten::flatten"}
+
+
 def count_ops(provider: str, model_name: str, warmup: int) -> int:
-    """The aten ops one step dispatches, forward, backward and optimizer, counting only ops not
-    called by another op: on CUDA each is about one kernel launch, what bounds a small model's step.
-    Counted on any device (the CPU runs the eager edit where CUDA would run the fused kernel)."""
+    """The aten ops one step dispatches, forward, backward and optimizer: each outermost aten op
+    (one not called by another aten op; backward's sit under autograd's engine, the optimizer's
+    under its step), less those that only make views. On CUDA each is about one kernel launch,
+    what bounds a small model's step. Counted on any device (the CPU runs the eager edit where CUDA
+    would run the fused kernel)."""
     prof = _profiled_step(provider, model_name, warmup)
-    return sum(1 for event in prof.events() if event.name.startswith("aten::") and event.cpu_parent is None)
+
+    def outermost(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    return sum(1 for event in prof.events() if event.name.startswith("aten::") and event.name not in VIEW_OPS and outermost(event))
 
 
 def _quantile(values: list[float], q: float) -> float:
