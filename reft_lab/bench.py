@@ -145,7 +145,7 @@ def make_step(provider: str, model_name: str):
     if provider.startswith("reft_lab"):
         if "loreft" in provider:
             cfg = {"name": "loreft", "rank": RANK, "layers": LAYERS, "positions": f"f{FIRST}+l{LAST}", "tied": False,
-                   "impl": "eager" if provider.endswith("eager") else "auto", "dtype": "float32"}
+                   "impl": "eager" if provider.endswith("eager") else "auto"}
         else:
             cfg = {"name": "lora", "rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
         tuned = attach(model, cfg)

@@ -137,10 +137,13 @@ def test_dropout_acts_on_the_edit_only():
     torch.testing.assert_close(m(h), h + delta)
 
 
-def test_dtype_follows_model_unless_set(tiny):
-    bf16 = attach(tiny("llama", "bfloat16").model, {"name": "loreft", "layers": [0]})
-    assert {p.dtype for p in bf16.interventions.parameters()} == {torch.bfloat16}
-    fp32 = attach(tiny("llama", "bfloat16").model, {"name": "loreft", "layers": [0], "dtype": "float32"})
+def test_interventions_train_in_fp32_on_a_bf16_base_unless_set(tiny):
+    fp32 = attach(tiny("llama", "bfloat16").model, {"name": "loreft", "layers": [0]})
     assert {p.dtype for p in fp32.interventions.parameters()} == {torch.float32}
+    bf16 = attach(tiny("llama", "bfloat16").model, {"name": "loreft", "layers": [0], "dtype": "bfloat16"})
+    assert {p.dtype for p in bf16.interventions.parameters()} == {torch.bfloat16}
     ids = torch.randint(3, 250, (2, 6))
-    assert fp32(ids).logits.dtype == torch.bfloat16
+    out = fp32(ids, labels=ids, prompt_lengths=torch.tensor([4, 5]))
+    assert out.logits.dtype == torch.bfloat16
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in fp32.interventions.parameters())

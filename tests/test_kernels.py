@@ -58,6 +58,20 @@ def test_backward_saves_the_edited_rows_in_their_own_dtype(dtype):
     assert torch.equal(rows[0][valid.reshape(-1)], selected[valid.reshape(-1)])
 
 
+def test_bf16_rows_with_fp32_factors_match_reference():
+    """A bf16 base with fp32 interventions (the default on a bf16 base): output and every gradient."""
+    (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.bfloat16)
+    A, B, b = (t.detach().float().requires_grad_() for t in (A, B, b))
+    out = fused_low_rank_edit(h, index, valid, A, B, b)
+    ref = low_rank_edit(h, index, valid, A, B, b)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=3e-2, rtol=2e-2)
+    grad = torch.randn_like(out)
+    for name, x, y in zip("hABb", torch.autograd.grad(out, (h, A, B, b), grad), torch.autograd.grad(ref, (h, A, B, b), grad)):
+        assert x.dtype == y.dtype, name
+        torch.testing.assert_close(x.float(), y.float(), atol=3e-2 * max(1.0, float(y.abs().max())), rtol=2e-2, msg=lambda m: f"d{name}: {m}")
+
+
 def test_padding_and_unselected_rows_pass_through():
     (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
     out = fused_low_rank_edit(h, index, valid, A, B, b)

@@ -35,7 +35,7 @@ class ReftConfig(MethodConfig):
     positions: str = "f3+l3"  # first/last prompt tokens edited (paper §4)
     tied: bool = False  # true: one intervention per layer for all positions; false: one per group
     dropout: float = 0.0  # on the edit only
-    dtype: str | None = None  # intervention parameters; null = the model's dtype
+    dtype: str | None = None  # intervention parameters; null = float32 whatever the base's dtype (trainable state in full precision, as peft keeps LoRA's)
     impl: str = "auto"  # auto: fused Triton kernel on CUDA where it applies, else eager; triton; eager
 
     def __post_init__(self):
@@ -132,7 +132,9 @@ class ReftModel(TunedModel):
         self.layer_ids = config.layer_indices(len(blocks))
         self.groups = config.spec.groups(config.tied)
         param = next(model.parameters())
-        dtype = DTYPES[config.dtype] if config.dtype else param.dtype
+        # AdamW steps on bf16 weights round away updates below their 8-bit mantissa: trainable state
+        # stays fp32 on a bf16 base unless asked otherwise
+        dtype = DTYPES[config.dtype] if config.dtype else torch.float32
         make = INTERVENTIONS[config.name]
         with torch.device(param.device):
             self.interventions = nn.ModuleDict(
