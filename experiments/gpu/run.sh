@@ -38,7 +38,7 @@ for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
     --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
 done
 
-echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA"
+echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; both on a bf16 base"
 model=$PWD/.gpu/smol
 [ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
 rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinja $rnd/ 2>/dev/null
@@ -47,7 +47,8 @@ import torch; from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('$rnd')).save_pretrained('$rnd')" > /dev/null 2>&1
 : > "$OUT/train.jsonl"
 for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
-         "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft"; do
+         "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
+         "method=lora model.dtype=bfloat16" "method=loreft method.layers=[6,12,18,24] model.dtype=bfloat16"; do
   rm -rf /tmp/reft_lab_job
   timeout 150 $PY -m reft_lab.cli train model=hf model.name_or_path=$rnd logger=none trainer.max_steps=60 task.train_size=64 \
     task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \
