@@ -187,7 +187,8 @@ def intruder_plot(path: Path, groups: list[dict]) -> bool:
     if not analysed:
         return False
     plt = _pyplot()
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4), dpi=120)
+    legend_rows = math.ceil(len(analysed) / 3)  # the groups' legend goes under the panels, three a row
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.4 + 0.22 * legend_rows), dpi=120)
     measures = [("knowledge_retention", "knowledge retention"), ("knowledge_choice_retention", "choice retention")]
     for i, g in enumerate(analysed):
         colour = plt.get_cmap("tab10")(i % 10)
@@ -207,16 +208,16 @@ def intruder_plot(path: Path, groups: list[dict]) -> bool:
             right.bar([pos + 0.2], [after[0]], 0.4, yerr=[after[1] or 0], color=colour, capsize=2, hatch="//")
     left.set_xlabel("intruder dimensions per matrix")
     left.set_title("Intruders against retention", fontsize=10)
-    left.legend(fontsize=7)
     middle.set_xlabel("least-aligned top vector's best |cos| with W₀'s (intruder: below ε)")
     middle.set_title("How near each update came to an intruder", fontsize=10)
     for ax in (left, middle):
         ax.set_ylabel("choice retention")
         ax.grid(alpha=0.3)
     right.set_xticks([j * (len(analysed) + 1) + (len(analysed) - 1) / 2 for j in range(len(measures))], [n for _, n in measures])
-    right.set_title("Retention as trained (plain) and with intruders scaled (hatched)", fontsize=10)
+    right.set_title("Retention as trained (plain), intruders scaled (hatched)", fontsize=10)
     right.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig.legend(*left.get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / fig.get_figheight() + 0.01, 1, 1))
     _save(fig, path)
     return True
 
