@@ -262,14 +262,10 @@ VIEW_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::expand
             "aten::narrow", "aten::view_as", "aten::expand_as", "aten::unflatten", "aten::flatten"}
 
 
-def count_ops(provider: str, model_name: str, warmup: int) -> int:
-    """The aten ops one step dispatches, forward, backward and optimizer: each outermost aten op
-    (one not called by another aten op; backward's sit under autograd's engine, the optimizer's
-    under its step), less those that only make views. On CUDA each is about one kernel launch,
-    what bounds a small model's step. Counted on any device (the CPU runs the eager edit where CUDA
-    would run the fused kernel)."""
-    prof = _profiled_step(provider, model_name, warmup)
-
+def dispatched_ops(prof) -> int:
+    """The aten ops a profiled region dispatched: each outermost aten op (one not called by another
+    aten op; backward's sit under autograd's engine, an optimizer's under its step), less those
+    that only make views. On CUDA each is about one kernel launch."""
     def outermost(event) -> bool:
         parent = event.cpu_parent
         while parent is not None:
@@ -279,6 +275,13 @@ def count_ops(provider: str, model_name: str, warmup: int) -> int:
         return True
 
     return sum(1 for event in prof.events() if event.name.startswith("aten::") and event.name not in VIEW_OPS and outermost(event))
+
+
+def count_ops(provider: str, model_name: str, warmup: int) -> int:
+    """``dispatched_ops`` of one step (forward, backward, optimizer): the launch count that bounds a
+    small model's step. Counted on any device (the CPU runs the eager edit where CUDA would run
+    the fused kernel)."""
+    return dispatched_ops(_profiled_step(provider, model_name, warmup))
 
 
 def _quantile(values: list[float], q: float) -> float:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from reft_lab.bench import dispatched_ops
 from reft_lab.interventions import INTERVENTIONS
 
 
@@ -47,11 +48,12 @@ def step(factors_of, interventions, weights):
 
 
 def op_count(factors_of, interventions, weights) -> int:
-    """aten ops of one step, less those of the loss alone (the same loss over leaf tensors)."""
+    """aten ops of one step (``reft_lab.bench.dispatched_ops``), less those of the loss alone (the
+    same loss over leaf tensors)."""
     def count(fn) -> int:
         with torch.profiler.profile() as prof:
             step(fn, interventions, weights)
-        return sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+        return dispatched_ops(prof)
 
     leaves = [tuple(t.detach().requires_grad_() for t in triple) for triple in householder_factors(interventions)]
     return count(factors_of) - count(lambda _: leaves)
