@@ -92,6 +92,7 @@ def test_loreft_stacked_factors_equal_each_interventions_own():
             torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.floor  # attaches to a transformers model
 def test_factors_are_computed_once_per_forward_for_every_layer(tiny, monkeypatch):
     loreft = INTERVENTIONS["loreft"]
     calls = []
@@ -137,6 +138,7 @@ def test_dropout_acts_on_the_edit_only():
     torch.testing.assert_close(m(h), h + delta)
 
 
+@pytest.mark.floor  # attaches to a transformers model
 def test_interventions_train_in_fp32_on_a_bf16_base_unless_set(tiny):
     fp32 = attach(tiny("llama", "bfloat16").model, {"name": "loreft", "layers": [0]})
     assert {p.dtype for p in fp32.interventions.parameters()} == {torch.float32}
