@@ -74,10 +74,9 @@ def run_job(settings: RunSettings, config: dict, out: Path, group: str = "") -> 
     fingerprint_before = fingerprint(loaded.model)
     if task.base_fingerprint not in (None, fingerprint_before):
         raise config_error("task.path", settings.task.path,
-                           f"data derived from this run's base model: it was derived from a base with fingerprint "
-                           f"{task.base_fingerprint[:12]}, this run's {loaded.name} has {fingerprint_before[:12]} "
-                           "(another model or dtype; for probe_known/probe_unknown: `reft-lab analyze known-split "
-                           "--out FILE` with this run's model overrides)")
+                           f"data derived from this run's base ({loaded.name}, fingerprint {fingerprint_before[:12]}); "
+                           f"this file's base has fingerprint {task.base_fingerprint[:12]} (another model or dtype): "
+                           "for probe_known/probe_unknown, `reft-lab analyze known-split --out FILE` with this run's model overrides")
     if dist_info.main:
         base = TunedModel(loaded.model, NoneConfig())
         base_results = evaluate_base(base, suite, fingerprint_before)

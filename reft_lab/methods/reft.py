@@ -161,8 +161,12 @@ class ReftModel(TunedModel):
         first computed inside a layer would be saved by its forward and not by its recomputation."""
         self._forward_calls += 1
         self._factor_table = None  # new parameters since the last forward, maybe
-        if self._active is not None and self.bank is None and not (self._prompt_only and self._forward_calls > 1):
+        if self._edits_this_forward() and self.bank is None:
             self._factor_table = self._stacked_factors()
+
+    def _edits_this_forward(self) -> bool:
+        """Positions are set, and this is not a decoding step of ``generate`` (prompt pass only)."""
+        return self._active is not None and not (self._prompt_only and self._forward_calls > 1)
 
     def _stacked_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         keys, modules = zip(*self.interventions.items())
@@ -179,7 +183,7 @@ class ReftModel(TunedModel):
         routes = [(intervention_key(layer, g), cols) for g, cols in self.groups.items()]
 
         def edit_output(module, args, output):
-            if self._active is None or (self._prompt_only and self._forward_calls > 1):
+            if not self._edits_this_forward():
                 return output
             hidden = output[0] if isinstance(output, tuple) else output
             positions, adapter_ids = self._rows_of(hidden.shape[0])
