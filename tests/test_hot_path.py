@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reft_lab.accounting import fingerprint
 from reft_lab.cli import main
-from reft_lab.data.batching import EncodedExample, collate_train
+from reft_lab.data.batching import EncodedExample, collate_train, position_ids, predicting_positions
 from reft_lab.methods import attach
 from reft_lab.training import response_loss
 from reft_lab.training.prefix_cache import PrefixCache
@@ -38,7 +39,8 @@ def _full_logits_loss(tuned, batch):
     logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
                    use_cache=False).logits
     labels = torch.full_like(batch.input_ids, -100)
-    labels[:, -batch.labels.shape[1]:] = batch.labels
+    for row, e in enumerate(batch.examples):  # left-padded: each response ends its row
+        labels[row, labels.shape[1] - len(e.response):] = torch.tensor(e.response)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
@@ -409,3 +411,49 @@ def test_scoring_needs_no_more_than_an_integer_logits_to_keep(tiny, method, monk
     prompts = [e.prompt for e in examples]
     assert [lp.shape[0] for lp in continuation_logprobs(tuned, encoder, prompts, [e.response for e in examples], 2)] == [3, 5]
     assert [len(s) for s in option_scores(tuned, encoder, prompts, [[[5, 6], [7]], [[8, 9, 10]]], 2)] == [2, 1]
+
+
+def test_collated_scored_positions_are_the_response_predicting_ones():
+    examples = _examples([(7, 3), (9, 5), (4, 2), (1, 1)])
+    batch = collate_train(examples, 0)
+    width = batch.input_ids.shape[1]
+    mask = predicting_positions(width, torch.tensor([len(e.response) for e in examples]))
+    assert batch.scored.tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    next_tokens = batch.input_ids.reshape(-1)[batch.scored + 1]  # each scored position predicts the token after it
+    assert batch.targets.tolist() == next_tokens.tolist() == [t for e in examples for t in e.response]
+    torch.testing.assert_close(batch.position_ids, position_ids(batch.attention_mask), atol=0, rtol=0)
+
+
+# ops whose result the host reads (a CUDA host then waits for the device's queue to drain); boolean
+# indexing reads the count of true entries
+READ_BACK_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default", "aten.is_nonzero.default",
+                 "aten.equal.default", "aten._unique2.default", "aten.unique_consecutive.default", "aten.repeat_interleave.Tensor"}
+
+
+class ReadBacks(TorchDispatchMode):
+    """Counts the ops dispatched inside that make the host read a value back from the device."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        bool_index = str(func).startswith("aten.index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for a in args if isinstance(a, (list, tuple)) for i in a)
+        if str(func) in READ_BACK_OPS or bool_index:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["eager", "triton"])
+def test_training_step_adds_no_read_back_to_the_base_models(tiny, impl):
+    """reft_lab's loss, edits and backward never make the host wait for the device: a step reads
+    back only what the plain base model's forward reads (transformers' own mask checks)."""
+    tuned = attach(tiny(device=DEVICE).model, {"name": "loreft", "layers": [1, 3], "positions": "f2+l2", "impl": impl}).train()
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0).to(DEVICE)
+    response_loss(tuned, batch).backward()  # warm: lazy initialisation reads nothing back later
+    with ReadBacks() as step:
+        response_loss(tuned, batch).backward()
+    with ReadBacks() as base, torch.no_grad():
+        tuned.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+    assert step.ops == base.ops

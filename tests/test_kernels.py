@@ -201,6 +201,30 @@ def test_served_adapters_give_the_same_logits_with_triton_and_eager(tiny, batch,
     torch.testing.assert_close(logits["triton"], logits["eager"], atol=1e-5, rtol=1e-5)
 
 
+def test_fused_path_flattens_positions_once_per_group_per_batch(tiny, batch, monkeypatch):
+    """Every edited layer of a batch reuses the kernel's row ids of its position group; a beam search
+    (each prompt's rows repeated) gets its own, and its tokens match the eager edit's."""
+    import reft_lab.kernels as kernels
+    from reft_lab.methods import attach
+
+    calls = []
+    real = kernels.flat_rows
+    monkeypatch.setattr(kernels, "flat_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    ids, mask, lengths = (t.to(DEVICE) for t in batch)
+    out = {}
+    for impl in ("eager", "triton"):
+        torch.manual_seed(0)
+        tuned = attach(tiny(device=DEVICE).model, {"name": "loreft", "layers": [0, 1, 2, 3], "positions": "f2+l2", "impl": impl}).eval()
+        calls.clear()
+        with torch.no_grad():
+            tuned(ids, attention_mask=mask, prompt_lengths=lengths)
+        assert len(calls) == (2 if impl == "triton" else 0)  # two groups (first, last), four layers
+        calls.clear()
+        out[impl] = tuned.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        assert calls == ([(4, 2), (4, 2)] if impl == "triton" else [])  # 2 prompts × 2 beams, per group
+    assert out["triton"].tolist() == out["eager"].tolist()
+
+
 def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monkeypatch):
     """The preflight attaches to a meta-device copy: the kernel check asks of the load device, so
     impl=triton passes for a CUDA model (CUDA faked, interpreter off) and fails, before any load,

@@ -103,23 +103,31 @@ def predicting_positions(width: int, counts: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TrainBatch:
+    """A left-padded training batch, with everything its step needs built on the host: the step
+    then reads no value back from the device before its loss (no boolean indexing, whose size the
+    host would have to wait for)."""
+
     input_ids: torch.Tensor  # [B, T], left-padded prompt + response
     attention_mask: torch.Tensor
+    position_ids: torch.Tensor  # [B, T] (``position_ids``)
     prompt_lengths: torch.Tensor  # [B]
-    labels: torch.Tensor  # [B, R]: the last R positions' targets, -100 where not a response token
+    scored: torch.Tensor  # [N]: flat indices into B·T of the positions whose next token is a response token, row-major
+    targets: torch.Tensor  # [N]: those next tokens
     n_tokens: int  # attended tokens (for tokens/s)
     examples: list["EncodedExample"] | None = None  # for the prefix cache
 
     def to(self, device) -> "TrainBatch":
-        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.prompt_lengths.to(device),
-                          self.labels.to(device), self.n_tokens, self.examples)
+        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+                          self.prompt_lengths.to(device), self.scored.to(device), self.targets.to(device), self.n_tokens,
+                          self.examples)
 
 
 def collate_train(examples: list[EncodedExample], pad_id: int) -> TrainBatch:
     ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id)
-    width = max(len(e.response) for e in examples)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    for row, e in enumerate(examples):
-        labels[row, width - len(e.response):] = torch.tensor(e.response, dtype=torch.long)
+    width = ids.shape[1]
+    # left padding: row b's response fills its last n positions, predicted by the n positions before the last
+    scored = torch.cat([torch.arange(row * width + width - 1 - len(e.response), row * width + width - 1)
+                        for row, e in enumerate(examples)])
+    targets = torch.tensor([token for e in examples for token in e.response], dtype=torch.long)
     lengths = torch.tensor([len(e.prompt) for e in examples], dtype=torch.long)
-    return TrainBatch(ids, mask, lengths, labels, int(mask.sum()), examples)
+    return TrainBatch(ids, mask, position_ids(mask), lengths, scored, targets, int(mask.sum()), examples)

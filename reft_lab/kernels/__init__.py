@@ -9,9 +9,11 @@ from reft_lab.kernels.low_rank_edit import (
     MAX_HIDDEN,
     MAX_RANK,
     FusedLowRankEdit,
+    flat_rows,
+    fused_edit_rows,
     fused_low_rank_edit,
     kernel_problem,
     triton_usable,
 )
 
-__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "fused_low_rank_edit", "kernel_problem", "triton_usable"]
+__all__ = ["MAX_HIDDEN", "MAX_RANK", "FusedLowRankEdit", "flat_rows", "fused_edit_rows", "fused_low_rank_edit", "kernel_problem", "triton_usable"]

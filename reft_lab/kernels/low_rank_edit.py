@@ -119,22 +119,23 @@ def _launch_shape(n_rows: int, d: int) -> tuple[int, int, int]:
     return block_m, block_d, triton.cdiv(max(n_rows, 1), block_m)
 
 
-def _flat_rows(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    T = hidden.shape[1]
-    return (torch.arange(hidden.shape[0], device=index.device)[:, None] * T + index).reshape(-1)
+def flat_rows(index: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's form of positions (index, valid) [batch, P] in a [batch, width, d] hidden state:
+    flat row ids [batch·P] (int64) and live flags (int8). A caller editing many layers at the same
+    positions (``ReftModel``) computes them once per batch instead of once per call."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None] * width + index
+    return rows.reshape(-1).contiguous(), valid.reshape(-1).to(torch.int8).contiguous()
 
 
 class _FusedEdit(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, index, valid, A, B, b):
+    def forward(ctx, hidden, rows, flags, A, B, b):
         # Edit in place: only the selected rows are read and written. Autograd's version counter
         # still guards the input (an op that saved it would raise in backward, never go wrong).
         # A leaf that requires grad, or a strided view, is copied first.
         inplace = hidden.is_contiguous() and not (hidden.is_leaf and hidden.requires_grad)
         out = hidden if inplace else hidden.contiguous().clone()
         save = any(ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
-        rows = _flat_rows(out, index).contiguous()
-        flags = valid.reshape(-1).to(torch.int8).contiguous()
         n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[0]
         saved = torch.empty(n_rows if save else 0, d, dtype=out.dtype, device=out.device)
         z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
@@ -183,8 +184,15 @@ def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.
     if problem:
         raise ValueError(f"fused kernel unsupported for {problem}")
     if adapter is None:
-        return _FusedEdit.apply(hidden, index, valid, A, B, b)
+        return fused_edit_rows(hidden, *flat_rows(index, valid, hidden.shape[1]), A, B, b)
     return _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter)
+
+
+def fused_edit_rows(hidden: torch.Tensor, rows: torch.Tensor, flags: torch.Tensor,
+                    A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``fused_low_rank_edit`` at positions already in the kernel's form (``flat_rows``). The caller
+    has checked the shapes and ``triton_usable``."""
+    return _FusedEdit.apply(hidden, rows, flags, A, B, b)
 
 
 def _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter):
@@ -195,8 +203,7 @@ def _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter):
     if adapter.numel() and not (0 <= int(adapter.min()) and int(adapter.max()) < A.shape[0]):
         raise ValueError(f"adapter ids must lie in [0, {A.shape[0] - 1}] (K = {A.shape[0]} stacked adapters)")
     out = hidden if hidden.is_contiguous() else hidden.contiguous()
-    rows = _flat_rows(out, index).contiguous()
-    flags = valid.reshape(-1).to(torch.int8).contiguous()
+    rows, flags = flat_rows(index, valid, out.shape[1])
     slot_adapter = adapter.to(torch.int32)[:, None].expand(index.shape).reshape(-1).contiguous()
     n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[1]
     block_m, block_d, grid = _launch_shape(n_rows, d)

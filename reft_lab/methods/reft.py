@@ -151,6 +151,7 @@ class ReftModel(TunedModel):
         self._prompt_only = False  # generate: edit the prompt pass, not the decoding steps
         self._forward_calls = 0
         self._factor_table: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._kernel_row_table: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # ``_kernel_rows``, per batch
         self._hooks = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layer_ids]
         self._hooks.append(model.register_forward_pre_hook(self._count_call))
 
@@ -188,14 +189,17 @@ class ReftModel(TunedModel):
             hidden = output[0] if isinstance(output, tuple) else output
             positions, adapter_ids = self._rows_of(hidden.shape[0])
             fused = self._fused(hidden)
-            if fused or self.bank is not None:  # the factor form Bᵀ(Ah + b); a bank: each row its own adapter
-                if fused:
-                    from reft_lab.kernels import fused_low_rank_edit as edit
-                else:
-                    edit = low_rank_edit
+            if fused and self.bank is None:  # the kernel, at rows flattened once per batch
+                from reft_lab.kernels import fused_edit_rows
+
                 for key, cols in routes:
-                    factors = self.bank[key].factors() if self.bank is not None else self._factors(key)
-                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *factors, adapter_ids)
+                    hidden = fused_edit_rows(hidden, *self._kernel_rows(positions, cols, hidden.shape[1]), *self._factors(key))
+            elif self.bank is not None:  # each row its own adapter
+                from reft_lab.kernels import fused_low_rank_edit as bank_edit
+
+                edit = bank_edit if fused else low_rank_edit
+                for key, cols in routes:
+                    hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key].factors(), adapter_ids)
             else:
                 hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
                     [self.interventions[key].edit(rows[:, cols], self._factors(key)) for key, cols in routes], 1))
@@ -219,6 +223,16 @@ class ReftModel(TunedModel):
             ids = None if self._adapter_ids is None else self._adapter_ids.repeat_interleave(k)
             self._expanded = (rows, Positions(positions.index.repeat_interleave(k, 0), positions.valid.repeat_interleave(k, 0)), ids)
         return self._expanded[1], self._expanded[2]
+
+    def _kernel_rows(self, positions: Positions, cols: slice, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's (rows, flags) for one group of positions, computed at the first edited layer
+        of a batch and reused by the others (a launch or two fewer per layer and group)."""
+        key = (positions.index.shape[0], cols.start, cols.stop, width)  # the batch's rows fix the positions (``_rows_of``)
+        if key not in self._kernel_row_table:
+            from reft_lab.kernels import flat_rows
+
+            self._kernel_row_table[key] = flat_rows(positions.index[:, cols], positions.valid[:, cols], width)
+        return self._kernel_row_table[key]
 
     def _fused(self, hidden: torch.Tensor) -> bool:
         """The fused kernel for this call? triton: always (checked at attach); auto: on CUDA where
@@ -270,6 +284,7 @@ class ReftModel(TunedModel):
         self._active = prompt_positions(self.config.spec, attention_mask, prompt_lengths)
         self._adapter_ids = self._check_adapter_ids(adapter_ids, input_ids.shape[0])
         self._expanded = None
+        self._kernel_row_table = {}
         self._prompt_only, self._forward_calls = prompt_only, 0
         try:
             yield attention_mask

@@ -180,25 +180,28 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
         tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tuned.train()
     start = time.perf_counter() - progress.elapsed_s
-    warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (loss.item() synchronises)
+    warm: tuple[float, int] | None = None  # (clock, tokens) after this process's first step (its read-back synchronises)
     first_step_s = tokens_per_s = None
 
     def one_step(step: int) -> None:
         nonlocal warm, first_step_s, tokens_per_s
-        step_loss, step_tokens = 0.0, 0
+        losses, step_tokens = [], 0
         for _ in range(t.grad_accum):
             batch = next(stream).to(device)
             with autocast, cache.around_batch(batch) if cache else nullcontext():
                 loss = training_loss.response_loss(model, batch) / t.grad_accum
             loss.backward()
-            step_loss += loss.item()
+            losses.append(loss.detach().float())
             step_tokens += batch.n_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+        # the step's one read-back from the device: each read makes the host wait for the device's
+        # queue to drain, and a small model's step is bound by the host's launches
+        step_loss, grad_norm = torch.stack([sum(losses), grad_norm.float()]).tolist()
         if dist_info.world > 1:  # log the mean loss and all processes' tokens
             step_loss, step_tokens = distributed.mean_and_sum(step_loss, step_tokens, device)
         progress.tokens += step_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-        if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {float(grad_norm)}"
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            what = f"loss is {step_loss}" if not math.isfinite(step_loss) else f"gradient norm is {grad_norm}"
             kept = f"the last good checkpoint is step {saved_step}" if saved_step else "no checkpoint was written"
             raise ReftLabError(f"{what} at step {step + 1}: training stopped ({kept}); lower trainer.lr or check the data")
         optimizer.step()
@@ -216,7 +219,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
         bar.update(1)
         if progress.step % t.log_every == 0 and dist_info.main:
-            logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                                        "tokens_per_s": tokens_per_s})
 
     bar = tqdm(initial=progress.step, total=t.max_steps, desc=f"train {tuned.config.name}", unit="step",

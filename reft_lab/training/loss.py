@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from reft_lab.data.batching import TrainBatch, position_ids, predicting_positions
+from reft_lab.data.batching import TrainBatch
 from reft_lab.models.head import logits_at
 
 CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded memory for large vocabularies
@@ -16,12 +16,10 @@ def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     token is supervised (``logits_at``: one contiguous [N, d] matmul, no logits for prompt or
     padding), and the loss runs over row chunks so no full fp32 copy of a large-vocabulary logit
     tensor is made."""
-    supervised = batch.labels != -100  # [B, R]: right-aligned, so each row's response is a suffix
-    predicts = predicting_positions(batch.input_ids.shape[1], supervised.sum(1))
-    with logits_at(tuned, predicts):
+    with logits_at(tuned, batch.scored):
         logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
-                       position_ids=position_ids(batch.attention_mask), use_cache=False).logits  # [N, V]
-    targets = batch.labels[supervised]
+                       position_ids=batch.position_ids, use_cache=False).logits  # [N, V]
+    targets = batch.targets
     rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
     total = sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
                 for i in range(0, len(targets), rows))
