@@ -36,8 +36,9 @@ from reft_lab.errors import ReftLabError
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
-PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "reft_lab_loreft_eager",
-             "pyreft_loreft", "peft_lora", "reft_lab_lora", "floor"]
+PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "reft_lab_loreft_graphs",
+             "reft_lab_loreft_eager", "pyreft_loreft", "peft_lora", "reft_lab_lora", "floor"]
+CUDA_ONLY = ("reft_lab_loreft_graphs",)  # trainer.cuda_graphs
 # floor: the plain transformers model's forward plus the activation-gradient backward from the lowest
 # intervened layer, LM head on the response only, no intervention: what any LoReFT step computes
 
@@ -60,7 +61,7 @@ BF16_BASE = {"on": False}  # the current scale's choice: frozen base in bf16 (tr
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 # reft_lab_loreft_eager forces method.impl=eager: on CUDA the fused kernel vs the eager edit; on a CPU
 # both are the eager path, so it is left out of the default list there
-DEFAULT_PROVIDERS = [p for p in PROVIDERS if torch.cuda.is_available() or p != "reft_lab_loreft_eager"]
+DEFAULT_PROVIDERS = [p for p in PROVIDERS if torch.cuda.is_available() or p not in ("reft_lab_loreft_eager", *CUDA_ONLY)]
 
 
 def _model(name: str):
@@ -152,7 +153,8 @@ def make_step(provider: str, model_name: str):
         if provider.endswith("ckpt"):
             tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # the training loop's own forward swaps at its defaults (compile only where the provider says)
-        swaps = hot_path(tuned, TrainerConfig(compile=provider.endswith("compiled")))
+        graphs = provider.endswith("graphs")
+        swaps = hot_path(tuned, TrainerConfig(compile=provider.endswith(("compiled", "graphs")), cuda_graphs=graphs))
         swaps.__enter__()
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)
@@ -166,6 +168,8 @@ def make_step(provider: str, model_name: str):
             cache.bind(tuned.model, min(LAYERS), "bench")
 
         def loss():
+            if graphs:  # as the training loop marks each step
+                torch.compiler.cudagraph_mark_step_begin()
             with cache.around_batch(batch) if cache else nullcontext():
                 return response_loss(tuned, batch)
 
@@ -478,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(opts, key) < (0 if key == "warmup" else 1):
             raise ReftLabError(f"--{key.replace('_', '-')}={getattr(opts, key)} is not allowed: an integer ≥ {0 if key == 'warmup' else 1}")
     LAYERS[:] = opts.layers
+    cuda_only = [p for p in opts.providers + [opts.profile] if p in CUDA_ONLY]
+    if cuda_only and not torch.cuda.is_available():
+        raise ReftLabError(f"--providers {cuda_only[0]} is not allowed here: it needs CUDA (CUDA graphs); this machine has none")
     if opts.scale:
         opts.model = set_scale(opts.scale)
     if opts.profile:

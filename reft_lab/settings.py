@@ -82,6 +82,8 @@ class RunSettings:
         device = self.model.resolved_device()
         if device.type != "meta":
             self.method.check_device(device, self.model.torch_dtype, getattr(config, "hidden_size", 0))
+        if self.trainer.cuda_graphs and device.type != "cuda":
+            raise config_error("trainer.cuda_graphs", True, f"false with the model on {device.type} (CUDA graphs need CUDA)")
 
     def result_config(self) -> dict:
         """The settings a finished job's numbers depend on: what a skip compares."""
@@ -101,10 +103,13 @@ def check_threads(threads) -> None:
 def run_config(settings: RunSettings) -> dict:
     """What training's numbers depend on: not logging or checkpoint cadence, and not the
     memory-for-compute switches that leave every number as it was (checkpointing, the act(gate)
-    recompute, the cache's bound and spill)."""
+    recompute, the cache's bound and spill, CUDA graphs: the compiled kernels replayed)."""
     trainer = {k: v for k, v in asdict(settings.trainer).items()
                if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume",
-                            "gradient_checkpointing", "recompute_mlp_act", "prefix_cache_gb", "prefix_cache_spill")}
+                            "gradient_checkpointing", "recompute_mlp_act", "prefix_cache_gb", "prefix_cache_spill", "cuda_graphs",
+                            "pad_to_multiple")}
+    if settings.trainer.length_multiple != 1:  # the padding in effect (CUDA graphs choose one); 1 as before the option
+        trainer["pad_to_multiple"] = settings.trainer.length_multiple
     return {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
             "trainer": trainer, "seed": settings.seed}
 

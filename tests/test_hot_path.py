@@ -382,8 +382,63 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"prefix_cache_gb": 1.0}]
     for change in same:
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) == config_fingerprint(base), change
-    for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}]:  # these change numbers
+    for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}, {"pad_to_multiple": 8}]:  # these change numbers
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) != config_fingerprint(base), change
+    # CUDA graphs replay the compiled kernels (same numbers), but pad to 64 unless told otherwise (not the same)
+    compiled = replace(base, trainer=replace(base.trainer, compile=True))
+    graphs = replace(base, trainer=replace(base.trainer, compile=True, cuda_graphs=True))
+    assert config_fingerprint(graphs) != config_fingerprint(compiled)
+    assert config_fingerprint(replace(graphs, trainer=replace(graphs.trainer, pad_to_multiple=1))) == config_fingerprint(compiled)
+    # a multiple of 1 is how every run padded before the option: their checkpoints still resume
+    assert config_fingerprint(replace(base, trainer=replace(base.trainer, pad_to_multiple=1))) == config_fingerprint(base)
+
+
+def test_cuda_graphs_are_refused_without_compile_or_cuda(tmp_path, capsys):
+    overrides = ["model=tiny", "model.device=cpu", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}"]
+    for extra, needle in ((["trainer.cuda_graphs=true"], "unless trainer.compile=true"),
+                          (["trainer.cuda_graphs=true", "trainer.compile=true"], "with the model on cpu")):
+        assert main(["train", *overrides, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "trainer.cuda_graphs=True is not allowed" in err[0] and needle in err[0], err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_batches_padded_to_a_multiple_give_the_same_loss(tiny):
+    examples = _examples([(7, 3), (9, 5), (4, 2)])
+    tuned = _fresh(tiny, {"name": "loreft", "layers": [1, 3]})
+    plain, padded = collate_train(examples, 0), collate_train(examples, 0, length_multiple=16)
+    assert plain.input_ids.shape[1] == 14 and padded.input_ids.shape[1] == 16
+    assert padded.attention_mask.sum() == plain.attention_mask.sum() and padded.targets.tolist() == plain.targets.tolist()
+    torch.testing.assert_close(response_loss(tuned, padded), response_loss(tuned, plain), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_equal_the_compiled_blocks_losses_and_gradients(tiny):
+    """Replaying the compiled blocks as CUDA graphs (fused edits between them, in place on the graphs'
+    outputs) gives the compiled path's losses and gradients, over steps and two batch shapes."""
+    from reft_lab.training.speedups import compiled_layers
+
+    batches = [collate_train(_examples(lengths, seed), 0, length_multiple=8).to(DEVICE)
+               for seed, lengths in enumerate([[(7, 3), (9, 5)], [(12, 4), (5, 2)], [(6, 3), (8, 4)]])]
+    results = {}
+    for cuda_graphs in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        tuned = attach(tiny(device=DEVICE).model, {"name": "loreft", "layers": [1, 2], "impl": "auto"}).train()
+        results[cuda_graphs] = []
+        with compiled_layers(tuned.base_model, cuda_graphs):
+            for _ in range(3):  # warm-up, capture, replay
+                for batch in batches:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    loss = response_loss(tuned, batch)
+                    loss.backward()
+                    results[cuda_graphs].append((loss.detach().clone(), _grads(tuned)))
+                    tuned.zero_grad()
+    for (loss_c, grads_c), (loss_g, grads_g) in zip(results[False], results[True]):
+        torch.testing.assert_close(loss_g, loss_c, atol=1e-5, rtol=1e-5)
+        for name, grad in grads_c.items():
+            torch.testing.assert_close(grads_g[name], grad, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2]}, {"name": "lora", "dropout": 0.0}], ids=["loreft", "lora"])

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR]`) on a CUDA machine, from
-# the project root. About 8 minutes on an H100. No network needed.
+# the project root. About 10 minutes on an H100. No network needed.
 #
 # Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
 # pytest-timeout, and the project's other packages. A machine without them takes wheels made
@@ -10,7 +10,8 @@
 #
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
 # benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
-# included), train.jsonl (short real `reft-lab train` jobs: tokens/s, first step) and run.log.
+# included; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
+# step, compile and CUDA graphs among them) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
 exec > >(tee "$OUT/run.log") 2>&1
@@ -37,6 +38,11 @@ for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
   timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
     --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
 done
+echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
+for scale in smol_A llama1b_b16; do
+  timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 4 --steps 10 --out "$OUT/bench" \
+    --providers reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor 2>&1 | grep -E "median|Error|error" ; echo "$scale compiled rc=$?"
+done
 
 echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; both on a bf16 base"
 model=$PWD/.gpu/smol
@@ -48,7 +54,9 @@ torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretraine
 : > "$OUT/train.jsonl"
 for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
          "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
-         "method=lora model.dtype=bfloat16" "method=loreft method.layers=[6,12,18,24] model.dtype=bfloat16"; do
+         "method=lora model.dtype=bfloat16" "method=loreft method.layers=[6,12,18,24] model.dtype=bfloat16" \
+         "method=loreft method.layers=[6,12,18,24] trainer.compile=true" \
+         "method=loreft method.layers=[6,12,18,24] trainer.compile=true trainer.cuda_graphs=true"; do
   rm -rf /tmp/reft_lab_job
   timeout 150 $PY -m reft_lab.cli train model=hf model.name_or_path=$rnd logger=none trainer.max_steps=60 task.train_size=64 \
     task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \

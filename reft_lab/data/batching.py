@@ -75,8 +75,10 @@ def fit_prompt(prompt: list[int], reserved: int, max_length: int | None, overlon
                       + (", or set task.overlong=truncate" if reserved < max_length else ""))
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids and attention mask, each sequence right-aligned; T is the longest length rounded
+    up to ``multiple``."""
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -122,8 +124,8 @@ class TrainBatch:
                           self.examples)
 
 
-def collate_train(examples: list[EncodedExample], pad_id: int) -> TrainBatch:
-    ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id)
+def collate_train(examples: list[EncodedExample], pad_id: int, length_multiple: int = 1) -> TrainBatch:
+    ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id, length_multiple)
     width = ids.shape[1]
     # left padding: row b's response fills its last n positions, predicted by the n positions before the last
     scored = torch.cat([torch.arange(row * width + width - 1 - len(e.response), row * width + width - 1)

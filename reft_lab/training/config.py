@@ -22,6 +22,8 @@ class TrainerConfig:
     group_by_length: bool = False  # batches of similar length (less padding); changes the data order
     gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory, slower
     compile: bool = False  # torch.compile each decoder block: fused pointwise ops, faster steps after a cold compile (README)
+    cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled block as a CUDA graph (small, launch-bound models)
+    pad_to_multiple: int | None = None  # batch lengths padded up to a multiple: fewer shapes to compile and capture (null: 64 with cuda_graphs, else 1)
     recompute_mlp_act: bool = True  # gated MLPs recompute act(gate) in backward instead of saving it (eager path)
     prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
@@ -39,6 +41,11 @@ class TrainerConfig:
             raise config_error("trainer.prefix_cache_gb", self.prefix_cache_gb, "a number > 0")
         if self.prefix_cache_dtype is not None and self.prefix_cache_dtype not in DTYPES:
             raise config_error("trainer.prefix_cache_dtype", self.prefix_cache_dtype, f"null or one of {', '.join(DTYPES)}")
+        if self.cuda_graphs and not self.compile:
+            raise config_error("trainer.cuda_graphs", True, "false unless trainer.compile=true (the graphs replay the compiled blocks)")
+        if self.pad_to_multiple is not None and (isinstance(self.pad_to_multiple, bool) or not isinstance(self.pad_to_multiple, int)
+                                                 or self.pad_to_multiple < 1):
+            raise config_error("trainer.pad_to_multiple", self.pad_to_multiple, "null or an integer ≥ 1")
         if self.keep_checkpoints < 1:
             raise config_error("trainer.keep_checkpoints", self.keep_checkpoints, "an integer ≥ 1")
         for key in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -54,3 +61,11 @@ class TrainerConfig:
             raise config_error("trainer.eval_at", list(self.eval_at), f"a list of steps in [1, {self.max_steps - 1}] (below trainer.max_steps)")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise config_error("trainer.max_grad_norm", self.max_grad_norm, "null or a number > 0")
+
+    @property
+    def length_multiple(self) -> int:
+        """What batch lengths are padded up to a multiple of (``pad_to_multiple``; null: 64 where CUDA
+        graphs are captured, one graph per length, else 1)."""
+        if self.pad_to_multiple is not None:
+            return self.pad_to_multiple
+        return 64 if self.cuda_graphs else 1

@@ -163,7 +163,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
         print(f"reft-lab: resuming from {latest} (step {progress.step})")
     saved_step = progress.step  # the newest checkpoint on disk: the one resumed, then each one written
     stream = BatchStream(data, t.batch_size, pad_id, seed, progress.epoch, progress.offset,
-                         dist_info.rank, dist_info.world, t.group_by_length)
+                         dist_info.rank, dist_info.world, t.group_by_length, t.length_multiple)
     model = distributed.wrap(tuned, dist_info)
     cache = prefix_cache(tuned, t, job_dir)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and t.bf16 else nullcontext()
@@ -188,6 +188,8 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
         losses, step_tokens = [], 0
         for _ in range(t.grad_accum):
             batch = next(stream).to(device)
+            if t.cuda_graphs:  # the last forward's graph outputs are done with: replays may overwrite them
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast, cache.around_batch(batch) if cache else nullcontext():
                 loss = training_loss.response_loss(model, batch) / t.grad_accum
             loss.backward()

@@ -1,6 +1,7 @@
 """The training-time speed-ups that swap the model's forwards, undone when training ends.
 
-* ``trainer.compile``: each decoder block's forward through ``torch.compile`` (regional).
+* ``trainer.compile``: each decoder block's forward through ``torch.compile`` (regional); with
+  ``trainer.cuda_graphs``, replayed as CUDA graphs.
 * ``trainer.recompute_mlp_act``: gated MLPs recompute act(gate) in backward (``recompute``).
 * ``trainer.prefix_cache``: ReFT reuses the frozen activations below its lowest layer (``prefix_cache``).
 Each leaves the numbers as they were (the prefix cache to float rounding; see its module).
@@ -44,7 +45,7 @@ def _mark_batch_and_length_dynamic(module, args, kwargs) -> None:
 
 
 @contextmanager
-def compiled_layers(model: nn.Module):
+def compiled_layers(model: nn.Module, cuda_graphs: bool = False):
     """Each decoder block's forward through ``torch.compile`` while the context lasts.
 
     Regional compilation: the blocks share one class, so one graph serves them all and a cold compile
@@ -54,11 +55,18 @@ def compiled_layers(model: nn.Module):
     Inductor fuses the pointwise ops and, for backward, recomputes cheap ones instead of saving them
     (less activation memory). Restored on exit, so generation afterwards runs the plain layers (its
     growing KV cache would only trigger recompiles).
+
+    ``cuda_graphs``: inductor's ``reduce-overhead`` mode captures each compiled block's forward and
+    backward as CUDA graphs, one per batch shape, and replays them: one launch per block instead of
+    one per kernel, for steps bound by the host's launches (a small model). The edits between blocks
+    stay eager. The caller marks each step's start (``torch.compiler.cudagraph_mark_step_begin``)
+    and pads lengths to a multiple (``TrainerConfig.length_multiple``) so few shapes are captured.
     """
     blocks = decoder_layers(model)
     handles = [block.register_forward_pre_hook(_mark_batch_and_length_dynamic, with_kwargs=True) for block in blocks]
+    mode = "reduce-overhead" if cuda_graphs else None
     try:
-        with swapped_forwards(blocks, lambda block: torch.compile(block.forward)):
+        with swapped_forwards(blocks, lambda block: torch.compile(block.forward, mode=mode)):
             yield
     finally:
         for handle in handles:
@@ -67,11 +75,11 @@ def compiled_layers(model: nn.Module):
 
 def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:
     """The training-time swaps of the model's forwards, undone on exit: compiled decoder blocks
-    (``trainer.compile``), or else gated MLPs that recompute act(gate) (``trainer.recompute_mlp_act``;
+    (``trainer.compile``, captured as CUDA graphs with ``trainer.cuda_graphs``), or else gated MLPs that recompute act(gate) (``trainer.recompute_mlp_act``;
     inductor already recomputes such ops in compiled blocks)."""
     stack = ExitStack()
     if t.compile:
-        stack.enter_context(compiled_layers(tuned.base_model))
+        stack.enter_context(compiled_layers(tuned.base_model, t.cuda_graphs))
     elif t.recompute_mlp_act:
         stack.enter_context(lean_gated_mlps(tuned.base_model))
     return stack

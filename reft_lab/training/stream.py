@@ -14,8 +14,9 @@ class BatchStream:
     (epoch, offset) is all a checkpoint needs to continue the same order."""
 
     def __init__(self, data: list[EncodedExample], batch_size: int, pad_id: int, seed: int, epoch: int = 0,
-                 offset: int = 0, rank: int = 0, world: int = 1, group_by_length: bool = False):
+                 offset: int = 0, rank: int = 0, world: int = 1, group_by_length: bool = False, length_multiple: int = 1):
         self.data, self.batch_size, self.pad_id, self.seed = data, batch_size, pad_id, seed
+        self.length_multiple = length_multiple  # batch lengths padded up to a multiple of it
         self.group_by_length = group_by_length
         self.epoch, self.offset, self._order = epoch, offset, None
         self.rank, self.world = rank, world  # each process takes its slice of every global batch
@@ -39,4 +40,4 @@ class BatchStream:
             self.epoch, self.offset = self.epoch + 1, 0
         chunk = self.order()[self.offset: self.offset + self.batch_size * self.world]
         self.offset += len(chunk)
-        return collate_train([self.data[j] for j in chunk[self.rank:: self.world]], self.pad_id)
+        return collate_train([self.data[j] for j in chunk[self.rank:: self.world]], self.pad_id, self.length_multiple)
