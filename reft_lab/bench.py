@@ -52,6 +52,10 @@ SEVEN_B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, 
 # name: (model config, batch, prompt, response, layers, bf16 base weights on CUDA)
 SCALES = {
     "smol_A": (SMOL, 8, 48, 16, [6, 12, 18, 24], False),  # config A's shapes, fp32
+    # config A at 1/8 of SmolLM2's width (vocabulary 512): every op's fixed cost (host dispatch,
+    # autograd, the kernel's own overhead) dominates the step, as launches bound config A on a GPU;
+    # measurable on a CPU
+    "smol_host": (dict(SMOL, hidden_size=72, intermediate_size=192, vocab_size=512), 8, 48, 16, [6, 12, 18, 24], False),
     "smol_b32": (SMOL, 32, 448, 64, [6, 12, 18, 24], True),
     "llama1b_b16": (ONE_B, 16, 448, 64, [3, 6, 9, 12], True),
     "llama7b_b8": (SEVEN_B, 8, 448, 64, [6, 12, 18, 24], True),
@@ -464,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="the model of config A (ignored with --scale)")
     parser.add_argument("--scale", choices=list(SCALES), default=None,
                         help="a random-initialised model and workload of this size, built on the device: smol_A (config A's "
-                             "shapes), smol_b32, llama1b_b16, llama7b_b8 (bf16 base weights on CUDA); adds an MFU column")
+                             "shapes), smol_host (config A at 1/8 width: per-op costs dominate), smol_b32, llama1b_b16, "
+                             "llama7b_b8 (bf16 base weights on CUDA); adds an MFU column")
     parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS,
                         help="the training steps to time: reft_lab's and pyreft's LoReFT, peft's LoRA, the frozen-base floor")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (JIT, caches)")

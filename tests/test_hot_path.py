@@ -345,12 +345,19 @@ def test_gated_mlps_are_found_by_their_forward(tiny, arch, expected):
     ({"name": "lora", "dropout": 0.0, "target_modules": ["gate_proj", "up_proj"]}, (3 * 4, 2 * 4)),  # wrapped linears
     ({"name": "full"}, (3 * 4, 2 * 4)),  # weight gradients too
 ], ids=["loreft", "lora-on-the-mlp", "full"])
-def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, method, saved):
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])  # SiLU's own backward op; any other act through autograd
+def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, method, saved, act, monkeypatch):
     from reft_lab.models.layers import decoder_layers
     from reft_lab.training.recompute import lean_gated_mlps
 
     batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
     tuned = _fresh(tiny, method)
+    if act == "gelu_tanh":
+        for layer in decoder_layers(tuned.base_model):
+            layer.mlp.act_fn = torch.nn.GELU(approximate="tanh")
+    nested = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: nested.append(1) or grad(*a, **k))
 
     def run():
         saved = []
@@ -370,6 +377,7 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     assert torch.equal(loss_lean, loss_plain)
     assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
     assert (saved_plain, saved_lean) == saved
+    assert len(nested) == (0 if act == "silu" else saved[1] // 2)  # a nested autograd call per MLP with a gradient
 
 
 def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():

@@ -17,34 +17,51 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reft_lab.models.layers import swapped_forwards
 
 
 class GatedProduct(torch.autograd.Function):
-    """act(gate) * up, saving gate and up; act(gate) is recomputed in backward."""
+    """act(gate) * up, saving gate and up; act(gate) is recomputed in backward. ``silu``: act is SiLU,
+    whose gradient is the one op autograd itself would run (``silu_backward``); any other act is
+    differentiated by a nested autograd call, which costs the host a graph and an engine run per layer."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, act: nn.Module, silu: bool) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        ctx.act = act
+        ctx.act, ctx.silu = act, silu
         return act(gate) * up
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
-            activated = ctx.act(leaf)
-        grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
-        grad_up = grad * activated.detach() if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up, None
+        if ctx.silu:
+            activated = F.silu(gate)
+            grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        else:
+            with torch.enable_grad():
+                leaf = gate.detach().requires_grad_(ctx.needs_input_grad[0])
+                activated = ctx.act(leaf)
+            grad_gate = torch.autograd.grad(activated, leaf, grad * up)[0] if ctx.needs_input_grad[0] else None
+            activated = activated.detach()
+        grad_up = grad * activated if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up, None, None
+
+
+def _probe(module: nn.Module) -> torch.Tensor:
+    weight = next(module.parameters())
+    return torch.randn(2, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
 
 
 def _lean_forward(mlp: nn.Module):
+    with torch.no_grad():
+        gate = mlp.gate_proj(_probe(mlp))
+        silu = torch.equal(mlp.act_fn(gate), F.silu(gate))
+
     def forward(x):
-        return mlp.down_proj(GatedProduct.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.act_fn))
+        return mlp.down_proj(GatedProduct.apply(mlp.gate_proj(x), mlp.up_proj(x), mlp.act_fn, silu))
 
     return forward
 
@@ -53,8 +70,7 @@ def _is_gated_mlp(module: nn.Module) -> bool:
     if not all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj", "act_fn")):
         return False
     try:
-        weight = next(module.parameters())
-        probe = torch.randn(2, 3, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0)).to(weight)
+        probe = _probe(module)
         with torch.no_grad():
             return torch.equal(_lean_forward(module)(probe), module(probe))
     except Exception:  # another layout or signature: not the pattern
