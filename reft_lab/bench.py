@@ -447,7 +447,7 @@ def machine() -> str:
 def memory_in_subprocesses(opts) -> dict[str, int]:
     """Each provider's peak training memory, each in its own fresh process. As many run side by side
     as there are cores (a process's peak is its own, whatever runs beside it): fewer start-ups to wait for."""
-    where = ["--scale", opts.scale] if opts.scale else ["--model", opts.model, "--layers", *map(str, LAYERS)]
+    where = (["--scale", opts.scale] if opts.scale else ["--model", opts.model]) + ["--layers", *map(str, LAYERS)]
 
     def measure(provider: str) -> int:
         proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", *where, "--memory-only", provider,
@@ -477,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-steps", type=int, default=3, help="steps run to measure each provider's peak training memory")
     parser.add_argument("--out", type=Path, default=Path("experiments/bench"),
                         help="folder the JSON-lines record and the CSV table are appended to")
-    parser.add_argument("--layers", type=int, nargs="+", default=LAYERS, help="intervened layers (config A: 6 12 18 24)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="intervened layers (default: config A's 6 12 18 24, or the scale's)")
     parser.add_argument("--profile", default=None, choices=PROVIDERS, help="print torch.profiler's op table of one step of this provider")
     parser.add_argument("--ops", action="store_true",
                         help="print how many aten ops one step of each provider dispatches (about one kernel launch each on CUDA)")
@@ -486,12 +487,13 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("warmup", "steps", "memory_steps"):
         if getattr(opts, key) < (0 if key == "warmup" else 1):
             raise ReftLabError(f"--{key.replace('_', '-')}={getattr(opts, key)} is not allowed: an integer ≥ {0 if key == 'warmup' else 1}")
-    LAYERS[:] = opts.layers
     cuda_only = [p for p in opts.providers + [opts.profile] if p in CUDA_ONLY]
     if cuda_only and not torch.cuda.is_available():
         raise ReftLabError(f"--providers {cuda_only[0]} is not allowed here: it needs CUDA (CUDA graphs); this machine has none")
     if opts.scale:
         opts.model = set_scale(opts.scale)
+    if opts.layers is not None:  # after the scale, which sets its own
+        LAYERS[:] = opts.layers
     if opts.profile:
         print(profile_step(opts.profile, opts.model, opts.warmup))
         return 0

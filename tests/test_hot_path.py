@@ -288,6 +288,23 @@ def test_bench_ops_counts_each_providers_dispatched_ops(capsys):
     assert set(counts) == {"reft_lab_loreft", "floor"} and counts["reft_lab_loreft"] > counts["floor"] > 100
 
 
+def test_bench_layers_apply_to_a_scale_too(capsys):
+    """``--layers`` with ``--scale``: the scale sets its layers first, the flag wins (backward from
+    layer 1 of smol_host's 30 costs more ops than from the scale's layer 6)."""
+    import reft_lab.bench as bench
+
+    counts = []
+    try:
+        for layers in ([], ["--layers", "1", "2"]):
+            assert main(["bench", "--scale", "smol_host", *layers, "--warmup", "0", "--ops", "--providers", "reft_lab_loreft"]) == 0
+            counts.append(json.loads(capsys.readouterr().out)["aten_ops_per_step"]["reft_lab_loreft"])
+            assert bench.LAYERS == ([1, 2] if layers else [6, 12, 18, 24])
+    finally:
+        bench.set_scale("smol_A")
+        bench.LAYERS[:] = [6, 12, 18, 24]
+    assert counts[1] > counts[0]
+
+
 @pytest.mark.parametrize("device", sorted({"cpu", DEVICE}))
 def test_prefix_cache_entries_are_copies_of_their_rows_on_the_model_device(tiny, device):
     tuned = attach(tiny(device=device).model, {"name": "loreft", "layers": [2]})
