@@ -1,6 +1,10 @@
 #!/bin/bash
-# The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR]`) on a CUDA machine, from
-# the project root. About 10 minutes on an H100. No network needed.
+# The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR [SECTION ...]]`) on a CUDA
+# machine, from the project root. No network needed. About 8 minutes on an H100 before the compiled
+# section and the compiled training jobs were added (their cold compiles are not yet timed).
+# SECTIONs (default: all, in this order): tests kernels bench compiled train. A device lent for
+# calls of at most 10 minutes runs them as two calls: `tests kernels bench`, then `compiled train`
+# (later calls append to the same OUTDIR's CSV/JSONL).
 #
 # Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
 # pytest-timeout, and the project's other packages. A machine without them takes wheels made
@@ -14,7 +18,14 @@
 # step, compile and CUDA graphs among them) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
-exec > >(tee "$OUT/run.log") 2>&1
+SECTIONS=(tests kernels bench compiled train)
+[ $# -gt 1 ] && SECTIONS=("${@:2}")
+for s in "${SECTIONS[@]}"; do
+  case $s in tests|kernels|bench|compiled|train) ;; *) echo "run.sh: unknown section '$s' (tests kernels bench compiled train)"; exit 2;; esac
+done
+want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
+exec > >(tee -a "$OUT/run.log") 2>&1
+echo "== sections: ${SECTIONS[*]} ($(date -u +%FT%TZ))"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2  # 8 test workers × 2 threads
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -24,26 +35,35 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no CUDA device"; exit 2; }
 $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
+if want tests; then
 echo "== CUDA tests (wandb's own test needs the wandb package: left out when it is missing)"
 sel=$($PY -c "import wandb" 2>/dev/null && echo "" || echo "not wandb")
 timeout 420 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 400 --durations 8 -m "not slow" ${sel:+-k "$sel"} tests > "$OUT/pytest_cuda.log" 2>&1
 echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest_cuda.log" | tail -30
+fi
 
+if want kernels; then
 echo "== fused kernel vs eager vs pyreft"
 timeout 150 $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
 timeout 60 $PY experiments/kernels/bench_factors.py --device cuda --out "$OUT/factors.csv"; echo "factors rc=$?"
+fi
 
+if want bench; then
 echo "== one training step at four scales (each provider alone)"
 for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
   timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
     --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
 done
+fi
+if want compiled; then
 echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
 for scale in smol_A llama1b_b16; do
   timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 4 --steps 10 --out "$OUT/bench" \
     --providers reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor 2>&1 | grep -E "median|Error|error" ; echo "$scale compiled rc=$?"
 done
+fi
 
+want train || exit 0
 echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; both on a bf16 base"
 model=$PWD/.gpu/smol
 [ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
@@ -51,7 +71,6 @@ rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinj
 $PY -c "
 import torch; from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('$rnd')).save_pretrained('$rnd')" > /dev/null 2>&1
-: > "$OUT/train.jsonl"
 for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
          "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
          "method=lora model.dtype=bfloat16" "method=loreft method.layers=[6,12,18,24] model.dtype=bfloat16" \
