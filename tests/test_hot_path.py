@@ -502,6 +502,8 @@ def test_collated_scored_positions_are_the_response_predicting_ones():
     next_tokens = batch.input_ids.reshape(-1)[batch.scored + 1]  # each scored position predicts the token after it
     assert batch.targets.tolist() == next_tokens.tolist() == [t for e in examples for t in e.response]
     torch.testing.assert_close(batch.position_ids, position_ids(batch.attention_mask), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="no prompt tokens"):  # its first response token would be predicted from another row
+        collate_train([EncodedExample([], [5, 6])] + examples, 0)
 
 
 # ops whose result the host reads (a CUDA host then waits for the device's queue to drain); boolean

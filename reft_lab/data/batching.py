@@ -125,6 +125,8 @@ class TrainBatch:
 
 
 def collate_train(examples: list[EncodedExample], pad_id: int, length_multiple: int = 1) -> TrainBatch:
+    if any(not e.prompt for e in examples):  # tasks refuse empty prompts; this guards the row arithmetic below
+        raise ValueError("a training example has no prompt tokens: its first response token has no position to be predicted from")
     ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id, length_multiple)
     width = ids.shape[1]
     # left padding: row b's response fills its last n positions, predicted by the n positions before the last
