@@ -226,7 +226,7 @@ class ReftModel(TunedModel):
 
     def _kernel_rows(self, positions: Positions, cols: slice, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's (rows, flags) for one group of positions, computed at the first edited layer
-        of a batch and reused by the others (a launch or two fewer per layer and group)."""
+        of a batch and reused by the others (four ops fewer per later layer and group)."""
         key = (positions.index.shape[0], cols.start, cols.stop, width)  # the batch's rows fix the positions (``_rows_of``)
         if key not in self._kernel_row_table:
             from reft_lab.kernels import flat_rows
