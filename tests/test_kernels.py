@@ -203,7 +203,8 @@ def test_served_adapters_give_the_same_logits_with_triton_and_eager(tiny, batch,
 
 def test_fused_path_flattens_positions_once_per_group_per_batch(tiny, batch, monkeypatch):
     """Every edited layer of a batch reuses the kernel's row ids of its position group; a beam search
-    (each prompt's rows repeated) gets its own, and its tokens match the eager edit's."""
+    (each prompt's rows repeated) gets its own, and its first-step scores (the edited prompt pass, every
+    beam) match the eager edit's."""
     import reft_lab.kernels as kernels
     from reft_lab.methods import attach
 
@@ -220,9 +221,10 @@ def test_fused_path_flattens_positions_once_per_group_per_batch(tiny, batch, mon
             tuned(ids, attention_mask=mask, prompt_lengths=lengths)
         assert len(calls) == (2 if impl == "triton" else 0)  # two groups (first, last), four layers
         calls.clear()
-        out[impl] = tuned.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False)
+        out[impl] = tuned.generate(ids, attention_mask=mask, max_new_tokens=3, num_beams=2, num_return_sequences=2,
+                                   do_sample=False, output_scores=True, return_dict_in_generate=True).scores[0]
         assert calls == ([(4, 2), (4, 2)] if impl == "triton" else [])  # 2 prompts × 2 beams, per group
-    assert out["triton"].tolist() == out["eager"].tolist()
+    torch.testing.assert_close(out["triton"], out["eager"], atol=1e-5, rtol=1e-5)
 
 
 def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monkeypatch):
