@@ -26,8 +26,7 @@ def known_split(overrides: list[str], head: int) -> dict:
     from reft_lab.config import build_section, compose
     from reft_lab.data import read_retention
     from reft_lab.data.batching import PromptEncoder
-    from reft_lab.evaluation.generation import generate
-    from reft_lab.evaluation.retention import PROBE_TOKENS, contains_answer
+    from reft_lab.evaluation.retention import probe_answers
     from reft_lab.evaluation.suite import EvalConfig
     from reft_lab.methods import TunedModel
     from reft_lab.methods.none import NoneConfig
@@ -42,12 +41,9 @@ def known_split(overrides: list[str], head: int) -> dict:
     loaded = load_model(model_cfg)
     encoder = PromptEncoder(loaded.tokenizer, model_cfg.chat_template)
     prompts = [encoder.prompt_ids(q["question"]) for q in probe]
-    outputs = generate(TunedModel(loaded.model, NoneConfig()), encoder, prompts, PROBE_TOKENS, batch_size, "knowledge probe (base)")
-    questions = []
-    for index, (q, ids) in enumerate(zip(probe, outputs)):
-        output = encoder.decode(ids)
-        questions.append({"index": index, "question": q["question"], "answers": q["answers"], "base_output": output,
-                          "known": contains_answer(output, q["answers"])})
+    answers = probe_answers(TunedModel(loaded.model, NoneConfig()), encoder, prompts, probe, batch_size, "knowledge probe (base)")
+    questions = [{"index": index, "question": q["question"], "answers": q["answers"], "base_output": output, "known": known}
+                 for index, (q, (output, known)) in enumerate(zip(probe, answers))]
     tail = questions[head:]
     return {"model": loaded.name, "base_fingerprint": fingerprint(loaded.model), "head": head,
             "known": sum(q["known"] for q in questions), "unknown": sum(not q["known"] for q in questions),

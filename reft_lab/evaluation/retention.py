@@ -64,9 +64,19 @@ def contains_answer(output: str, answers: list[str]) -> bool:
 
 # --- probes ------------------------------------------------------------------------------------
 
+def probe_answers(model, encoder, prompts, questions, batch_size: int, desc: str) -> list[tuple[str, bool]]:
+    """The knowledge probe as asked: each question answered greedily in ``PROBE_TOKENS`` tokens; its
+    output and whether it is correct (``contains_answer``). Also how ``analyze known-split`` asks it."""
+    from reft_lab.evaluation.generation import generate
+
+    outputs = [encoder.decode(ids) for ids in generate(model, encoder, prompts, PROBE_TOKENS, batch_size, desc)]
+    return [(output, contains_answer(output, q["answers"])) for output, q in zip(outputs, questions)]
+
+
 def _knowledge_probe(suite, model, base) -> list[bool]:
-    outputs = suite.texts(model, suite.probe_prompts, PROBE_TOKENS, f"knowledge probe ({suite.phase(base)})")
-    return [contains_answer(o, q["answers"]) for o, q in zip(outputs, suite.probe)]
+    answers = probe_answers(model, suite.encoder, suite.probe_prompts, suite.probe, suite.cfg.batch_size,
+                            f"knowledge probe ({suite.phase(base)})")
+    return [correct for _, correct in answers]
 
 
 def _knowledge_choice(suite, model, base) -> dict:
