@@ -1,5 +1,6 @@
-"""The GPU check script (`make gpu-check`) asks only for what exists: a typo there would cost a
-GPU session's few minutes, so its bench providers, scales and training jobs are checked here."""
+"""The GPU check (`make gpu-check`) asks only for what exists: a typo there would cost a GPU
+session's few minutes, so its bench providers, scales and training jobs are checked here; and its
+goals table reads the figures its rows hold."""
 
 import re
 import shlex
@@ -11,7 +12,8 @@ from reft_lab import bench
 from reft_lab.config import compose
 from reft_lab.settings import RunSettings
 
-SCRIPT = (Path(__file__).resolve().parents[1] / "experiments" / "gpu" / "run.sh").read_text()
+SCRIPT_DIR = Path(__file__).resolve().parents[1] / "experiments" / "gpu"
+SCRIPT = (SCRIPT_DIR / "run.sh").read_text()
 
 
 def test_bench_calls_name_existing_scales_and_providers():
@@ -41,3 +43,27 @@ def test_training_jobs_are_valid_runs_on_cuda(monkeypatch, tmp_path):
     for variant in variants:
         overrides = [*common, "model.device=cuda", *variant.split()]
         RunSettings.from_cfg(compose([o for o in overrides if not o.startswith("hydra.")])).preflight()
+
+
+def _goals_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_goals", SCRIPT_DIR / "goals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_goals_table_reads_the_archived_h100_check(capsys):
+    """The goals table from the committed H100 folder: each figure is the one its rows give."""
+    goals = _goals_module()
+    folder = SCRIPT_DIR / "h100-2026-11-23"
+    rows = {what: (measured, met) for what, measured, _, met in goals.goals(folder, folder / "kernels_matmul_backward.csv")}
+    assert rows["LoReFT step vs the floor, 7B (bf16 base)"] == ("0.99 (reft_lab_loreft 245.0 ms / floor 247.5 ms)", "no")
+    assert rows["LoReFT step vs pyreft, 1B-like"][0].startswith("0.58 (reft_lab_loreft_eager 102.3 ms")
+    assert rows["config A step (launch-bound)"] == ("115.7 ms (reft_lab_loreft_eager)", "no")
+    assert rows["memory vs pyreft, every scale"][0] == "smol_A 0.56, smol_b32 0.37, llama1b_b16 0.34, llama7b_b8 0.73"
+    assert rows["`reft-lab train` LoReFT tokens/s vs LoRA, same job"][0].startswith("1.07–2.04 over 3 LoReFT jobs")
+    kernel = next(v for k, v in rows.items() if k.startswith("fused fwd+bwd"))
+    assert kernel == ("5% of copy bandwidth; 1.26× eager, 4.6× pyreft (worst of 6)", "no")
+    assert goals.main([str(folder / "missing")]) == 2 and "holds no step benchmark" in capsys.readouterr().err

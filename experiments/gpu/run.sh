@@ -15,7 +15,7 @@
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
 # benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
 # included; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
-# step, compile and CUDA graphs among them) and run.log.
+# step, compile and CUDA graphs among them), goals.md (the GPU issue's goals table, `goals.py`) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
 SECTIONS=(tests kernels bench compiled train)
@@ -63,7 +63,7 @@ for scale in smol_A llama1b_b16; do
 done
 fi
 
-want train || exit 0
+if want train; then
 echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; both on a bf16 base"
 model=$PWD/.gpu/smol
 [ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
@@ -87,3 +87,7 @@ row = {'job': sys.argv[1], 'status': m['status'], 'tokens_per_s': m.get('tokens_
 print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$v" "$OUT/train.jsonl" || tail -3 /tmp/reft_lab_job.log
   grep -h "prefix cache" /tmp/reft_lab_job.log
 done
+fi
+
+echo "== the GPU issue's goals, from everything in $OUT so far"
+$PY experiments/gpu/goals.py "$OUT" | tee "$OUT/goals.md"
