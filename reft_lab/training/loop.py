@@ -218,7 +218,7 @@ def train(tuned: TunedModel, data: list[EncodedExample], t: TrainerConfig, *, lr
         progress.elapsed_s = now - start
         # steady state after the first step; with one step in this process, its warm-up included
         tokens_per_s = (progress.tokens - warm[1]) / (now - warm[0]) if now > warm[0] else progress.tokens / progress.elapsed_s
-        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)  # drawn by update, at most 10×/s
         bar.update(1)
         if progress.step % t.log_every == 0 and dist_info.main:
             logger.log(progress.step, {"loss": step_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
