@@ -506,6 +506,17 @@ def test_collated_scored_positions_are_the_response_predicting_ones():
         collate_train([EncodedExample([], [5, 6])] + examples, 0)
 
 
+def test_batch_moves_to_the_device_in_one_copy():
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    moved = batch.to(DEVICE)
+    fields = ("input_ids", "attention_mask", "position_ids", "prompt_lengths", "scored", "targets")
+    for name in fields:
+        before, after = getattr(batch, name), getattr(moved, name)
+        assert after.device.type == DEVICE and after.dtype == before.dtype and torch.equal(after.cpu(), before), name
+    assert len({getattr(moved, name).untyped_storage().data_ptr() for name in fields}) == 1  # one buffer, one copy
+    assert moved.n_tokens == batch.n_tokens and moved.examples is batch.examples
+
+
 # ops whose result the host reads (a CUDA host then waits for the device's queue to drain); boolean
 # indexing reads the count of true entries
 READ_BACK_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default", "aten.is_nonzero.default",

@@ -119,9 +119,15 @@ class TrainBatch:
     examples: list["EncodedExample"] | None = None  # for the prefix cache
 
     def to(self, device) -> "TrainBatch":
-        return TrainBatch(self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
-                          self.prompt_lengths.to(device), self.scored.to(device), self.targets.to(device), self.n_tokens,
-                          self.examples)
+        """The batch on ``device`` in one copy: its int64 tensors packed into one buffer. To a GPU the
+        buffer is pinned and copied without the host waiting (a plain copy from pageable memory waits
+        for the device's queue to drain, as a read-back does: six of them per batch)."""
+        device = torch.device(device)
+        tensors = (self.input_ids, self.attention_mask, self.position_ids, self.prompt_lengths, self.scored, self.targets)
+        flat = torch.cat([t.reshape(-1).long() for t in tensors])
+        flat = flat.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else flat.to(device)
+        moved = [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+        return TrainBatch(*moved, self.n_tokens, self.examples)
 
 
 def collate_train(examples: list[EncodedExample], pad_id: int, length_multiple: int = 1) -> TrainBatch:
