@@ -421,6 +421,8 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
 def test_cuda_graphs_are_refused_without_compile_or_cuda(tmp_path, capsys):
     overrides = ["model=tiny", "model.device=cpu", "trainer=smoke", "logger=none", f"hydra.run.dir={tmp_path}"]
     for extra, needle in ((["trainer.cuda_graphs=true"], "unless trainer.compile=true"),
+                          (["trainer.cuda_graphs=true", "trainer.compile=true", "trainer.gradient_checkpointing=true"],
+                           "with trainer.gradient_checkpointing=true"),
                           (["trainer.cuda_graphs=true", "trainer.compile=true"], "with the model on cpu")):
         assert main(["train", *overrides, *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()

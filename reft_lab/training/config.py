@@ -43,6 +43,8 @@ class TrainerConfig:
             raise config_error("trainer.prefix_cache_dtype", self.prefix_cache_dtype, f"null or one of {', '.join(DTYPES)}")
         if self.cuda_graphs and not self.compile:
             raise config_error("trainer.cuda_graphs", True, "false unless trainer.compile=true (the graphs replay the compiled blocks)")
+        if self.cuda_graphs and self.gradient_checkpointing:  # blocks re-run inside backward: not a combination tested on a GPU
+            raise config_error("trainer.cuda_graphs", True, "false with trainer.gradient_checkpointing=true (not supported together)")
         if self.pad_to_multiple is not None and (isinstance(self.pad_to_multiple, bool) or not isinstance(self.pad_to_multiple, int)
                                                  or self.pad_to_multiple < 1):
             raise config_error("trainer.pad_to_multiple", self.pad_to_multiple, "null or an integer ≥ 1")
