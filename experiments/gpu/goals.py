@@ -61,8 +61,10 @@ def kernel_rows(path: Path | None) -> list[dict]:
 
 
 def train_jobs(folder: Path) -> list[dict]:
+    """Each training job's latest row (a folder written to again appends)."""
     path = folder / "train.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return list({row["job"]: row for row in rows}.values())
 
 
 def goals(folder: Path, kernels: Path | None) -> list[tuple[str, str, str, str]]:

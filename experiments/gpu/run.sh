@@ -81,8 +81,8 @@ for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_
     task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \
     > /tmp/reft_lab_job.log 2>&1
   $PY -c "
-import json, sys; m = json.load(open('/tmp/reft_lab_job/metrics.json'))
-row = {'job': sys.argv[1], 'status': m['status'], 'tokens_per_s': m.get('tokens_per_s'), 'first_step_s': m.get('first_step_s'),
+import json, sys, datetime; m = json.load(open('/tmp/reft_lab_job/metrics.json'))
+row = {'job': sys.argv[1], 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'status': m['status'], 'tokens_per_s': m.get('tokens_per_s'), 'first_step_s': m.get('first_step_s'),
        'train_wall_s': m.get('train_wall_s'), 'final_loss': m.get('final_loss')}
 print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$v" "$OUT/train.jsonl" || tail -3 /tmp/reft_lab_job.log
   grep -h "prefix cache" /tmp/reft_lab_job.log
