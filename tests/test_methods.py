@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_ARCHS
+from conftest import DEVICE, TINY_ARCHS
 
 from reft_lab.accounting import fingerprint, param_report
 from reft_lab.errors import ConfigError
@@ -25,6 +25,19 @@ METHOD_ROWS = [
 
 def test_every_registered_method_has_a_row():
     assert {row["name"] for row in METHOD_ROWS} == set(methods())
+
+
+@pytest.mark.parametrize("device", sorted({"cpu", DEVICE}))
+def test_optimizer_is_fused_on_cuda_only(tiny, device):
+    """One fused AdamW launch per step on a GPU; the CPU keeps the default loop (and its results)."""
+    tuned = attach(tiny(device=device).model, {"name": "loreft", "layers": [1, 2]})
+    optimizer = build_optimizer(tuned, lr=1e-2, weight_decay=0.01)
+    assert bool(optimizer.defaults.get("fused")) == (device == "cuda")
+    before = {n: p.detach().clone() for n, p in tuned.trainable_state().items()}
+    for p in tuned.trainable_state().values():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in tuned.trainable_state().items())
 
 
 def _train_steps(tuned, steps=2):
