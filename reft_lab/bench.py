@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ReftLabError(f"--{key.replace('_', '-')}={getattr(opts, key)} is not allowed: an integer ≥ {0 if key == 'warmup' else 1}")
     cuda_only = [p for p in opts.providers + [opts.profile] if p in CUDA_ONLY]
     if cuda_only and not torch.cuda.is_available():
-        raise ReftLabError(f"--providers {cuda_only[0]} is not allowed here: it needs CUDA (CUDA graphs); this machine has none")
+        raise ReftLabError(f"--providers {cuda_only[0]} is not allowed here: it needs CUDA (CUDA graphs), which this machine "
+                           f"lacks; choose from {', '.join(p for p in PROVIDERS if p not in CUDA_ONLY)}")
     if opts.scale:
         opts.model = set_scale(opts.scale)
     if opts.layers is not None:  # after the scale, which sets its own

@@ -253,6 +253,9 @@ def frontier_plot(path: Path, groups: list[dict]) -> bool:
     return True
 
 
+KEY_LINE = 0.13  # inches per line of a figure's numbered key (7 pt text)
+
+
 def _figure_with_key(plt, panels: int, entries: int):
     """A row of ``panels`` axes with room below for a key of ``entries`` numbered lines, set in one
     column per panel."""
@@ -270,9 +273,6 @@ def _save_with_key(fig, path: Path, entries: list[str]) -> None:
         fig.text(0.01 + column / panels, 0.01, "\n".join(numbered[column * lines:(column + 1) * lines]), fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, KEY_LINE * lines / fig.get_figheight() + 0.02, 1, 1))
     _save(fig, path)
-
-
-KEY_LINE = 0.13  # inches per line of a figure's numbered key (7 pt text)
 
 
 DRIFT_KEYS = (("retention.kl_drift.after", "KL drift (mean per-token KL(base ‖ tuned))"),
