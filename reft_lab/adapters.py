@@ -2,7 +2,7 @@
 
 An adapter directory holds ``adapter_model.safetensors`` (no pickle) and ``reft_lab_adapter.json``:
 the method (name, layers, positions, tied, rank, ...), the parameter dtype and the base model's
-identity (name + fingerprint); loading onto another base is refused. LoRA and DoRA adapters are
+identity (name, dtype, fingerprint); loading onto another base is refused. LoRA and DoRA adapters are
 peft's format as well: peft's ``adapter_config.json`` beside tensors under peft's names, so
 ``PeftModel.from_pretrained``, transformers' ``load_adapter`` and vLLM read the directory as it is.
 Directories of the earlier layout (reft_lab's metadata in ``adapter_config.json``) still load.
@@ -35,10 +35,17 @@ FORMAT = "reft_lab.adapter/2"  # tensors under the saved format's names (peft's 
 LEGACY_FORMAT = "reft_lab.adapter/1"  # metadata in adapter_config.json, tensors under reft_lab's names
 
 
+def base_dtype(model: torch.nn.Module) -> str:
+    """The dtype the base's weights were loaded in (``model.dtype``'s value), read off its embeddings."""
+    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
+
+
 def base_identity(tuned: TunedModel) -> dict:
     config = tuned.base_model.config
     return {
         "name_or_path": tuned.base_name,
+        # a base loaded in another dtype has other weights, so another fingerprint: serving loads this one
+        "dtype": base_dtype(tuned.base_model),
         "fingerprint": tuned.base_fingerprint or fingerprint(tuned.base_model),
         "model_type": getattr(config, "model_type", None),
         "model_class": type(tuned.base_model).__name__,
@@ -84,12 +91,14 @@ def read_adapter_config(directory: str | Path) -> dict:
     return config
 
 
-def _check_base(directory: Path, recorded: dict, actual: str | None) -> None:
+def _check_base(directory: Path, recorded: dict, model: torch.nn.Module, actual: str | None) -> None:
     if recorded.get("fingerprint") and actual is not None and actual != recorded["fingerprint"]:
+        dtype, wanted = base_dtype(model), recorded.get("dtype")
+        how = (f"load the base in {wanted}, as it was trained (this one is {dtype})" if wanted and wanted != dtype
+               else "load it onto the same base model")
         raise AdapterError(
             f"adapter {directory} was trained on base {recorded.get('name_or_path')!r} "
-            f"(fingerprint {recorded['fingerprint'][:12]}); this model's fingerprint is {actual[:12]}: "
-            "load it onto the same base model"
+            f"(fingerprint {recorded['fingerprint'][:12]}); this model's fingerprint is {actual[:12]}: {how}"
         )
 
 
@@ -99,7 +108,7 @@ def load_adapter(model: torch.nn.Module, directory: str | Path, base_name: str =
     config = read_adapter_config(directory)
     recorded = config.get("base", {})
     if check_base:
-        _check_base(directory, recorded, fingerprint(model))
+        _check_base(directory, recorded, model, fingerprint(model))
     try:
         state = load_file(directory / WEIGHTS_FILE)
     except (SafetensorError, OSError, ValueError) as err:
@@ -151,7 +160,7 @@ def load_adapter_bank(model: torch.nn.Module, directories: list[str | Path], bas
     actual = fingerprint(model)
     factor_sets = []
     for directory, config in zip(directories, configs):
-        _check_base(directory, config.get("base", {}), actual)
+        _check_base(directory, config.get("base", {}), model, actual)
         tuned = load_adapter(model, directory, base_name, check_base=False)
         with torch.no_grad():
             factor_sets.append({key: intervention.factors() for key, intervention in tuned.interventions.items()})

@@ -83,12 +83,16 @@ def generate_command(args: list[str]) -> int:
     from reft_lab.evaluation.generation import generate
     from reft_lab.models import ModelConfig, load_model
     from reft_lab.models.layers import context_length
+    from reft_lab.models.loading import DTYPES
 
     parser = argparse.ArgumentParser(prog="reft-lab generate", description="Greedy answers of saved adapters on their base model.")
     parser.add_argument("--adapter", required=True, action="append",
                         help="directory written by a training job (…/adapter); repeat it to answer every prompt with "
                              "each adapter, in shared batches (ReFT adapters of one layout)")
     parser.add_argument("--model", default=None, help="base model (default: the one recorded in the first adapter)")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="the base's dtype (default: the one recorded in the first adapter, else float32); "
+                             "an adapter loads only on the base it was trained on, dtype included")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens generated per answer, at most (≥ 1)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated at once (≥ 1); more is faster, needs more memory")
     parser.add_argument("prompts", nargs="+", help="the prompts, each one argument (quote it); none may be empty")
@@ -100,7 +104,8 @@ def generate_command(args: list[str]) -> int:
     if empty:
         raise ReftLabError(f"prompt {empty[0]} is empty: give each prompt as a non-empty argument")
     recorded = read_adapter_config(opts.adapter[0])
-    loaded = load_model(ModelConfig(name_or_path=opts.model or recorded["base"]["name_or_path"]))
+    base = recorded["base"]
+    loaded = load_model(ModelConfig(name_or_path=opts.model or base["name_or_path"], dtype=opts.dtype or base.get("dtype", "float32")))
     encoder = PromptEncoder(loaded.tokenizer)
     prompts = [encoder.prompt_ids(p) for p in opts.prompts]
     context = context_length(loaded.model)

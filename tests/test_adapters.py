@@ -16,6 +16,7 @@ from reft_lab.adapters import (
     export_pyreft,
     import_pyreft,
     load_adapter,
+    read_adapter_config,
     save_adapter,
 )
 from reft_lab.errors import AdapterError
@@ -227,6 +228,21 @@ def test_adapter_bank_takes_a_layer_span_and_the_list_of_its_layers_as_one_layou
     listed = _saved_reft(tiny, tmp_path / "listed", {"name": "loreft", **{**BANK, "layers": [1, 3]}}, 1)
     served = load_adapter_bank(tiny().model, [span, listed])
     assert served.layer_ids == [1, 3] and len(served.bank) == 2 * 2  # 2 layers × 2 position groups
+
+
+def test_generate_cli_loads_the_base_in_the_dtype_it_was_trained_in(tiny, tmp_path, capsys):
+    from reft_lab.cli import main
+
+    loaded = tiny("llama", "bfloat16")
+    tuned = attach(loaded.model, {"name": "loreft", **BANK}, loaded.name)
+    _train_steps(tuned)
+    directory = str(save_adapter(tuned, tmp_path / "bf16"))
+    assert read_adapter_config(directory)["base"]["dtype"] == "bfloat16"
+    assert main(["generate", "--adapter", directory, "--max-new-tokens", "2", "hello"]) == 0
+    assert json.loads(capsys.readouterr().out)["prompt"] == "hello"
+    assert main(["generate", "--adapter", directory, "--dtype", "float32", "hello"]) == 2
+    err = capsys.readouterr().err
+    assert "load the base in bfloat16, as it was trained (this one is float32)" in err and len(err.strip().splitlines()) == 1
 
 
 def test_generate_cli_serves_several_adapters(tiny, tmp_path, capsys):
