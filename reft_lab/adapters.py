@@ -26,7 +26,7 @@ from reft_lab.errors import AdapterError, ReftLabError
 from reft_lab.interventions import INTERVENTIONS
 from reft_lab.methods import ReftModel, TunedModel, attach, method_config
 from reft_lab.methods.reft import intervention_key
-from reft_lab.models.layers import decoder_layers, hidden_size
+from reft_lab.models.layers import decoder_layers, hidden_size, weights_dtype
 
 CONFIG_FILE = "reft_lab_adapter.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,17 +35,12 @@ FORMAT = "reft_lab.adapter/2"  # tensors under the saved format's names (peft's 
 LEGACY_FORMAT = "reft_lab.adapter/1"  # metadata in adapter_config.json, tensors under reft_lab's names
 
 
-def base_dtype(model: torch.nn.Module) -> str:
-    """The dtype the base's weights were loaded in (``model.dtype``'s value), read off its embeddings."""
-    return str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")
-
-
 def base_identity(tuned: TunedModel) -> dict:
     config = tuned.base_model.config
     return {
         "name_or_path": tuned.base_name,
         # a base loaded in another dtype has other weights, so another fingerprint: serving loads this one
-        "dtype": base_dtype(tuned.base_model),
+        "dtype": tuned.base_dtype or weights_dtype(tuned.base_model),
         "fingerprint": tuned.base_fingerprint or fingerprint(tuned.base_model),
         "model_type": getattr(config, "model_type", None),
         "model_class": type(tuned.base_model).__name__,
@@ -93,7 +88,7 @@ def read_adapter_config(directory: str | Path) -> dict:
 
 def _check_base(directory: Path, recorded: dict, model: torch.nn.Module, actual: str | None) -> None:
     if recorded.get("fingerprint") and actual is not None and actual != recorded["fingerprint"]:
-        dtype, wanted = base_dtype(model), recorded.get("dtype")
+        dtype, wanted = weights_dtype(model), recorded.get("dtype")
         how = (f"load the base in {wanted}, as it was trained (this one is {dtype})" if wanted and wanted != dtype
                else "load it onto the same base model")
         raise AdapterError(

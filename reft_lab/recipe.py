@@ -41,9 +41,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def train_dtype(settings: RunSettings, model: torch.nn.Module) -> torch.dtype:
-    """The dtype activations are held in: bf16 under CUDA autocast, else the model's."""
+    """The dtype activations are held in: bf16 under CUDA autocast, else the trained model's (full
+    fine-tuning trains a bf16/fp16 base as an fp32 copy, ``attach_full``)."""
     param = next(model.parameters())
-    return torch.bfloat16 if param.device.type == "cuda" and settings.trainer.bf16 else param.dtype
+    if param.device.type == "cuda" and settings.trainer.bf16:
+        return torch.bfloat16
+    return torch.float32 if settings.method.name == "full" else param.dtype
 
 
 def versions() -> dict:

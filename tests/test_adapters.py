@@ -25,9 +25,11 @@ from reft_lab.methods import attach
 pytestmark = pytest.mark.floor  # run again on the oldest transformers/peft (make test-floor)
 
 
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("row", METHOD_ROWS, ids=lambda r: r["name"])
-def test_save_load_identical_logits(tiny, batch, tmp_path, row):
-    loaded = tiny()
+def test_save_load_identical_logits(tiny, batch, tmp_path, row, base_dtype):
+    """On a bf16 base too: trainable state stays fp32 (full fine-tuning's included) and reloads."""
+    loaded = tiny(dtype=base_dtype)
     tuned = attach(loaded.model, dict(row), loaded.name)
     if row["name"] != "none":
         _train_steps(tuned)
@@ -37,8 +39,8 @@ def test_save_load_identical_logits(tiny, batch, tmp_path, row):
     assert os.path.getsize(tmp_path / WEIGHTS_FILE) == param_report(tuned).adapter_bytes
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["method"]["name"] == row["name"] and config["base"]["name_or_path"] == "tiny:llama"
-    assert config["base"]["fingerprint"] and config["dtype"] in ("float32", [])
-    restored = load_adapter(tiny().model, tmp_path)
+    assert config["base"]["fingerprint"] and config["dtype"] in ("float32", []) and config["base"]["dtype"] == base_dtype
+    restored = load_adapter(tiny(dtype=base_dtype).model, tmp_path)
     assert torch.equal(restored(ids, attention_mask=mask, prompt_lengths=lengths).logits, expected)
 
 

@@ -73,6 +73,19 @@ def test_training_changes_exactly_the_trainable_state(tiny, row):
         assert trainable and all("lora_" in n for n in trainable)
 
 
+def test_full_fine_tuning_trains_a_bf16_base_as_its_fp32_copy(tiny):
+    """AdamW steps on bf16 weights round away (at lr 2e-5, for every weight above ~0.01): full
+    fine-tuning of a bf16 base trains exactly what training its fp32 copy trains, from the bf16 base's
+    fingerprint (the base every method of a sweep shares)."""
+    low = tiny(dtype="bfloat16").model
+    base = fingerprint(low)
+    ours, copy = attach(low, {"name": "full"}), attach(tiny(dtype="bfloat16").model.float(), {"name": "full"})
+    assert ours.base_fingerprint == base and {p.dtype for p in ours.parameters()} == {torch.float32}
+    for tuned in (ours, copy):
+        _train_steps(tuned)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), copy.parameters()))
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 @pytest.mark.parametrize("name", ["loreft", "lora"])
 def test_forward_and_generate_on_every_architecture(tiny, batch, arch, name):

@@ -19,6 +19,7 @@ from reft_lab.methods.full import FullConfig, attach_full
 from reft_lab.methods.lora import LoraConfig, attach_lora
 from reft_lab.methods.none import NoneConfig, attach_none
 from reft_lab.methods.reft import ReftConfig, ReftModel, attach_reft
+from reft_lab.models.layers import weights_dtype
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,11 @@ def attach(model: nn.Module, config: dict | MethodConfig, base_name: str = "", b
     from reft_lab.accounting import count_parameters, fingerprint
 
     config = method_config(config)
-    base_params = count_parameters(model)
+    base_params, base_dtype = count_parameters(model), weights_dtype(model)
     if base_fingerprint is None and config.name == "full":
         base_fingerprint = fingerprint(model)
     tuned = methods()[config.name].attach(model, config)
-    tuned.base_params, tuned.base_name, tuned.base_fingerprint = base_params, base_name, base_fingerprint
+    tuned.base_params, tuned.base_name, tuned.base_fingerprint, tuned.base_dtype = base_params, base_name, base_fingerprint, base_dtype
     return tuned.eval()  # deterministic until the trainer calls .train()
 
 

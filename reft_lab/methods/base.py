@@ -38,6 +38,7 @@ class TunedModel(nn.Module):
         self.base_params = 0
         self.base_name = ""
         self.base_fingerprint: str | None = None  # None: computed from the (frozen) base on demand
+        self.base_dtype: str | None = None  # the base's weights as loaded (full fine-tuning trains an fp32 copy)
 
     def forward(self, input_ids, attention_mask=None, prompt_lengths=None, **kwargs):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from reft_lab.errors import ConfigError
@@ -16,6 +17,13 @@ def _text_config(model: nn.Module):
 
 def hidden_size(model: nn.Module) -> int:
     return int(_text_config(model).hidden_size)
+
+
+def weights_dtype(model: nn.Module) -> str:
+    """The dtype the model's weights were loaded in (``model.dtype``'s value): its first floating-point
+    parameter's (the embeddings, in a transformers model)."""
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return str(first.dtype if first is not None else torch.float32).removeprefix("torch.")
 
 
 def context_length(config) -> int | None:
