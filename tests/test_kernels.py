@@ -316,3 +316,28 @@ def test_factor_benchmark_writes_both_providers_and_counts_fewer_ops_when_stacke
     assert set(rows) == {"per_intervention_householder", "stacked_cholesky"}
     assert int(rows["stacked_cholesky"]["aten_ops"]) < int(rows["per_intervention_householder"]["aten_ops"]) / 3
     assert all(float(r["median_ms"]) > 0 for r in rows.values())
+
+
+def test_kernels_compiled_for_an_h100_spill_no_registers(tmp_path):
+    """The launch configuration keeps every kernel's values in registers at a 7B width and rank 16
+    (with Triton's default of 4 warps and an unrolled rank loop, forward and backward spilled 640+
+    bytes per thread there). Compiled for sm_90 by Triton's own compiler: no GPU needed."""
+    import csv
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton.backends.nvidia as nvidia
+
+    if not (Path(nvidia.__file__).parent / "bin" / "cuobjdump").exists():
+        pytest.skip("this Triton ships no cuobjdump to read compiled kernels with")
+    script = Path(__file__).parents[1] / "experiments" / "kernels" / "kernel_resources.py"
+    out = tmp_path / "resources.csv"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(script), "--widths", "4096", "--ranks", "16", "--dtypes", "bfloat16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["kernel"]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"train_fwd", "train_bwd", "serve_fwd"}
+    assert {name: int(r["stack_bytes"]) for name, r in rows.items()} == dict.fromkeys(rows, 0)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from reft_lab.interventions.edit import low_rank_edit
 
-MAX_RANK = 64  # the rank loop is unrolled at compile time
+MAX_RANK = 64
 MAX_HIDDEN = 16384  # one row is held on chip: next_power_of_2(d) elements
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -80,7 +80,8 @@ def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
         ad = tl.load(ADAPTER + m, mask=live, other=0)
         factor = ad[:, None] * RANK * d + cols[None, :]
     delta = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for k in tl.static_range(RANK):
+    for k in tl.range(0, RANK):  # a loop, not unrolled: unrolled, the compiler hoisted every k's factor
+        # rows ahead and spilled registers (experiments/kernels/kernel_resources.py)
         if MULTI:
             a_k = tl.load(A + factor + k * d, mask=mask, other=0.0).to(tl.float32)
             b_k = tl.load(B + factor + k * d, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +105,7 @@ def _edit_bwd(DY, DH, ROWS, VALID, U, A, B, n_rows, d,
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
     dy = tl.load(DY + row[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     dh = dy
-    for k in tl.static_range(RANK):
+    for k in tl.range(0, RANK):
         a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
         b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
         u_k = tl.sum(dy * b_k[None, :], axis=1)  # u = B dy (0 on slots not live)
@@ -113,10 +114,14 @@ def _edit_bwd(DY, DH, ROWS, VALID, U, A, B, n_rows, d,
     tl.store(DH + row[:, None] * d + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
 
 
-def _launch_shape(n_rows: int, d: int) -> tuple[int, int, int]:
+def _launch_shape(n_rows: int, d: int, per_row_adapter: bool = False) -> tuple[int, int, int, int]:
+    """(rows per program, padded width, grid, warps). A program holds ~8K values of rows on chip, 32
+    per thread; with per-row adapters ~4K, 16 per thread, as their factors are [rows, d] tiles too.
+    Triton's default of 4 warps spilled registers (experiments/kernels/kernel_resources.py)."""
     block_d = triton.next_power_of_2(d)
-    block_m = max(1, min(16, 8192 // block_d))  # ~8K fp32 values of rows on chip per program
-    return block_m, block_d, triton.cdiv(max(n_rows, 1), block_m)
+    block_m = max(1, min(16, (4096 if per_row_adapter else 8192) // block_d))
+    warps = max(4, min(16, block_m * block_d // (512 if per_row_adapter else 1024)))
+    return block_m, block_d, triton.cdiv(max(n_rows, 1), block_m), warps
 
 
 def flat_rows(index: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,13 +144,13 @@ class _FusedEdit(torch.autograd.Function):
         n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[0]
         saved = torch.empty(n_rows if save else 0, d, dtype=out.dtype, device=out.device)
         z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
-        block_m, block_d, grid = _launch_shape(n_rows, d)
+        block_m, block_d, grid, warps = _launch_shape(n_rows, d)
         _edit_fwd[(grid,)](out, rows, flags, saved, z, A.contiguous(), B.contiguous(), b.contiguous(), flags, n_rows, d,
-                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=save, MULTI=False)
+                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=save, MULTI=False, num_warps=warps)
         if inplace:
             ctx.mark_dirty(out)
         ctx.save_for_backward(rows, flags, saved, z, A, B)
-        ctx.grid, ctx.block_m, ctx.block_d, ctx.bias_dtype = grid, block_m, block_d, b.dtype
+        ctx.launch, ctx.bias_dtype = (grid, block_m, block_d, warps), b.dtype
         return out
 
     @staticmethod
@@ -155,8 +160,9 @@ class _FusedEdit(torch.autograd.Function):
         grad_hidden = grad_out.clone()  # unselected rows: dL/dh = dy
         n_rows, d, rank = rows.numel(), grad_out.shape[-1], A.shape[0]
         u = torch.empty(n_rows, rank, dtype=torch.float32, device=grad_out.device)
-        _edit_bwd[(ctx.grid,)](grad_out, grad_hidden, rows, flags, u, A.contiguous(), B.contiguous(), n_rows, d,
-                               RANK=rank, BLOCK_M=ctx.block_m, BLOCK_D=ctx.block_d)
+        grid, block_m, block_d, warps = ctx.launch
+        _edit_bwd[(grid,)](grad_out, grad_hidden, rows, flags, u, A.contiguous(), B.contiguous(), n_rows, d,
+                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
         # dA = Σ u hᵀ, dB = Σ z dyᵀ over the selected rows (z, u are 0 on padding slots), in fp32
         dy_rows = grad_out.reshape(-1, d).index_select(0, rows).float()
         dA, dB, db = (u.T @ saved.float()).to(A.dtype), (z.T @ dy_rows).to(B.dtype), u.sum(0).to(ctx.bias_dtype)
@@ -206,10 +212,10 @@ def _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter):
     rows, flags = flat_rows(index, valid, out.shape[1])
     slot_adapter = adapter.to(torch.int32)[:, None].expand(index.shape).reshape(-1).contiguous()
     n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[1]
-    block_m, block_d, grid = _launch_shape(n_rows, d)
+    block_m, block_d, grid, warps = _launch_shape(n_rows, d, per_row_adapter=True)
     unused = torch.empty(0, dtype=torch.float32, device=out.device)
     _edit_fwd[(grid,)](out, rows, flags, unused, unused, A.contiguous(), B.contiguous(), b.contiguous(), slot_adapter, n_rows, d,
-                       RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=False, MULTI=True)
+                       RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, SAVE=False, MULTI=True, num_warps=warps)
     return out
 
 
