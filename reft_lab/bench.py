@@ -424,6 +424,18 @@ def ratios(times: dict[str, list[float]], memory: dict[str, int]) -> tuple[dict,
     return of_medians, paired
 
 
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append result rows to a CSV file (the benchmarks' own, here and in experiments/), with the
+    header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -529,15 +541,10 @@ def main(argv: list[str] | None = None) -> int:
     opts.out.mkdir(parents=True, exist_ok=True)
     with open(opts.out / "train_step.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
-    new = not (opts.out / "train_step.csv").exists()
-    with open(opts.out / "train_step.csv", "a", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(["date", "machine", "provider", "median_s", "p20_s", "p80_s", "peak_train_bytes", "torch", "transformers", "peft",
-                             "memory_method", "scale", "mfu"])
-        for p, v in record["providers"].items():
-            writer.writerow([record["date"], record["machine"], p, f"{v['median_s']:.4f}", f"{v['p20_s']:.4f}", f"{v['p80_s']:.4f}",
-                             v["peak_train_bytes"], record["versions"]["torch"], record["versions"]["transformers"], record["versions"]["peft"],
-                             method, opts.scale or "", f"{v['mfu']:.3f}" if "mfu" in v else ""])
+    append_csv(opts.out / "train_step.csv", [
+        {"date": record["date"], "machine": record["machine"], "provider": p, "median_s": f"{v['median_s']:.4f}",
+         "p20_s": f"{v['p20_s']:.4f}", "p80_s": f"{v['p80_s']:.4f}", "peak_train_bytes": v["peak_train_bytes"],
+         **{k: record["versions"][k] for k in ("torch", "transformers", "peft")}, "memory_method": method,
+         "scale": opts.scale or "", "mfu": f"{v['mfu']:.3f}" if "mfu" in v else ""} for p, v in record["providers"].items()])
     print(json.dumps({key: record[key] for key in ("machine", "providers", "ratios", "paired_step_ratios")}, indent=2))
     return 0

@@ -15,7 +15,6 @@ process, interleaved, so the ratio is a same-run ratio.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from datetime import datetime, timezone
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from reft_lab.bench import dispatched_ops
+from reft_lab.bench import append_csv, dispatched_ops
 from reft_lab.interventions import INTERVENTIONS
 
 
@@ -92,13 +91,7 @@ def main(argv=None) -> int:
              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")} for p, t in times.items()]
     for row in rows:
         print(f"{row['provider']:>30}: {row['median_ms']} ms fwd+bwd (×{row['vs_householder']}), {row['aten_ops']} aten ops")
-    out = Path(opts.out)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(Path(opts.out), rows)
     return 0
 
 

@@ -14,7 +14,6 @@ GPU name, versions and date. The end-to-end training step, fused vs eager, is
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +83,7 @@ def main() -> int:
         return 1
     import triton
 
+    from reft_lab.bench import append_csv
     from reft_lab.interventions.edit import low_rank_edit
     from reft_lab.kernels import fused_low_rank_edit
 
@@ -144,13 +144,7 @@ def main() -> int:
                              "median_ms": ms, "p20_ms": p20, "p80_ms": p80,
                              "bytes_moved": ideal_bytes, "gbs": ideal_bytes / (ms * 1e-3) / 1e9})
                 print(rows[-1], flush=True)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not opts.out.exists()
-    with open(opts.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(opts.out, rows)
     print(f"wrote {len(rows)} rows to {opts.out}")
     return 0
 

@@ -16,7 +16,6 @@ Triton cache each time). Static facts of the compiled code; the time on a GPU is
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 import subprocess
@@ -36,6 +35,7 @@ import triton.backends.nvidia as nvidia  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from reft_lab.bench import append_csv  # noqa: E402
 from reft_lab.kernels import low_rank_edit as kernels  # noqa: E402
 
 TRITON_TYPES = {"bfloat16": "bf16", "float32": "fp32"}
@@ -102,13 +102,7 @@ def main() -> int:
                                  "warps": warps, "registers": regs, "stack_bytes": stack, "compile_s": round(seconds, 2),
                                  "target": f"sm_{opts.target}", "triton": triton.__version__, "date": date})
                     print(" ".join(f"{k}={v}" for k, v in rows[-1].items() if k not in ("target", "triton", "date")), flush=True)
-    opts.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not opts.out.exists()
-    with open(opts.out, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(opts.out, rows)
     print(f"wrote {len(rows)} rows to {opts.out}")
     return 0
 
