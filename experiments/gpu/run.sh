@@ -13,7 +13,8 @@
 # in .gpu/smol (prepare.sh copies it; else the model must already be converted in the cache).
 #
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
-# benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
+# benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), kernel_resources.csv
+# (the kernels' registers and spills as this machine's Triton compiles them), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
 # included; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
 # step, compile and CUDA graphs among them), goals.md (the GPU issue's goals table, `goals.py`) and run.log.
 set -uo pipefail
@@ -46,6 +47,8 @@ if want kernels; then
 echo "== fused kernel vs eager vs pyreft"
 timeout 150 $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
 timeout 60 $PY experiments/kernels/bench_factors.py --device cuda --out "$OUT/factors.csv"; echo "factors rc=$?"
+timeout 90 $PY experiments/kernels/kernel_resources.py --widths 576 2048 4096 --ranks 4 16 --label "this machine's Triton" \
+  --out "$OUT/kernel_resources.csv" > "$OUT/kernel_resources.log" 2>&1; echo "kernel resources rc=$?"
 fi
 
 if want bench; then
