@@ -41,12 +41,12 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def train_dtype(settings: RunSettings, model: torch.nn.Module) -> torch.dtype:
-    """The dtype activations are held in: bf16 under CUDA autocast, else the trained model's (full
-    fine-tuning trains a bf16/fp16 base as an fp32 copy, ``attach_full``)."""
+    """The dtype activations are held in: bf16 under CUDA autocast, else the base's once the method
+    is attached (full fine-tuning trains a bf16 base as an fp32 copy by default)."""
     param = next(model.parameters())
     if param.device.type == "cuda" and settings.trainer.bf16:
         return torch.bfloat16
-    return torch.float32 if settings.method.name == "full" else param.dtype
+    return settings.method.base_dtype_attached(param.dtype)
 
 
 def versions() -> dict:

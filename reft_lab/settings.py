@@ -110,7 +110,10 @@ def run_config(settings: RunSettings) -> dict:
                             "pad_to_multiple")}
     if settings.trainer.length_multiple != 1:  # the padding in effect (CUDA graphs choose one); 1 as before the option
         trainer["pad_to_multiple"] = settings.trainer.length_multiple
-    return {"model": asdict(settings.model), "method": asdict(settings.method), "task": asdict(settings.task),
+    method = asdict(settings.method)
+    if settings.method.name == "full" and method["dtype"] is None:  # the default since the option came: earlier checkpoints still resume
+        del method["dtype"]
+    return {"model": asdict(settings.model), "method": method, "task": asdict(settings.task),
             "trainer": trainer, "seed": settings.seed}
 
 

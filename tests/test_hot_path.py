@@ -405,7 +405,7 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     from dataclasses import replace
 
     from reft_lab.config import compose
-    from reft_lab.settings import RunSettings, config_fingerprint
+    from reft_lab.settings import RunSettings, config_fingerprint, run_config
 
     base = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=loreft"]))
     same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"prefix_cache_gb": 1.0}]
@@ -420,6 +420,10 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     assert config_fingerprint(replace(graphs, trainer=replace(graphs.trainer, pad_to_multiple=1))) == config_fingerprint(compiled)
     # a multiple of 1 is how every run padded before the option: their checkpoints still resume
     assert config_fingerprint(replace(base, trainer=replace(base.trainer, pad_to_multiple=1))) == config_fingerprint(base)
+    # full fine-tuning's method.dtype: null is how it ran before the option; bfloat16 changes the numbers
+    full = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=full"]))
+    assert "dtype" not in run_config(full)["method"]
+    assert config_fingerprint(replace(full, method=replace(full.method, dtype="bfloat16"))) != config_fingerprint(full)
 
 
 def test_cuda_graphs_are_refused_without_compile_or_cuda(tmp_path, capsys):

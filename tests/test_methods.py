@@ -84,6 +84,10 @@ def test_full_fine_tuning_trains_a_bf16_base_as_its_fp32_copy(tiny):
     for tuned in (ours, copy):
         _train_steps(tuned)
     assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), copy.parameters()))
+    as_loaded = attach(tiny(dtype="bfloat16").model, {"name": "full", "dtype": "bfloat16"})  # asked for: half the memory
+    assert {p.dtype for p in as_loaded.parameters()} == {torch.bfloat16}
+    with pytest.raises(ConfigError, match="method.dtype='bf16' is not allowed"):
+        attach(tiny().model, {"name": "full", "dtype": "bf16"})
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

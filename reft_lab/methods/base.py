@@ -25,6 +25,11 @@ class MethodConfig:
         """Raise a ConfigError when the method cannot run on a model of this device, parameter
         dtype and hidden size. Asked before the weights load (of the device they will load on)."""
 
+    def base_dtype_attached(self, loaded: torch.dtype) -> torch.dtype:
+        """The dtype the base's weights have once the method is attached to a base loaded in
+        ``loaded`` (the same, unless the method trains them in another)."""
+        return loaded
+
 
 class TunedModel(nn.Module):
     """A causal LM with a method attached. ``forward`` and ``generate`` take the usual inputs plus
