@@ -16,8 +16,10 @@ Triton cache each time). Static facts of the compiled code; the time on a GPU is
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from pathlib import Path
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("kernel_resources.py compiles for a GPU: unset TRITON_INTERPRET")
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="reft_lab_triton_cache_")  # every compile timed cold
+atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, said explicitly (newer Triton warns)
 
 import triton  # noqa: E402
