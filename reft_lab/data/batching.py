@@ -134,10 +134,8 @@ def collate_train(examples: list[EncodedExample], pad_id: int, length_multiple: 
     if any(not e.prompt for e in examples):  # tasks refuse empty prompts; this guards the row arithmetic below
         raise ValueError("a training example has no prompt tokens: its first response token has no position to be predicted from")
     ids, mask = left_pad([e.prompt + e.response for e in examples], pad_id, length_multiple)
-    width = ids.shape[1]
-    # left padding: row b's response fills its last n positions, predicted by the n positions before the last
-    scored = torch.cat([torch.arange(row * width + width - 1 - len(e.response), row * width + width - 1)
-                        for row, e in enumerate(examples)])
+    counts = torch.tensor([len(e.response) for e in examples])
+    scored = predicting_positions(ids.shape[1], counts).reshape(-1).nonzero().squeeze(1)  # flat, row-major, on the host
     targets = torch.tensor([token for e in examples for token in e.response], dtype=torch.long)
     lengths = torch.tensor([len(e.prompt) for e in examples], dtype=torch.long)
     return TrainBatch(ids, mask, position_ids(mask), lengths, scored, targets, int(mask.sum()), examples)
