@@ -60,7 +60,7 @@ SCALES = {
     "llama1b_b16": (ONE_B, 16, 448, 64, [3, 6, 9, 12], True),
     "llama7b_b8": (SEVEN_B, 8, 448, 64, [6, 12, 18, 24], True),
 }
-BF16_BASE = {"on": False}  # the current scale's choice: frozen base in bf16 (trainable state stays fp32), autocast steps
+BF16_BASE = {"on": False}  # the current scale's choice (or --bf16-base): frozen base in bf16 (trainable state stays fp32), autocast steps
 # dense bf16 tensor-core peak (FLOP/s) by GPU name, from NVIDIA's data sheets, for MFU
 PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
 # reft_lab_loreft_eager forces method.impl=eager: on CUDA the fused kernel vs the eager edit; on a CPU
@@ -82,14 +82,20 @@ def _model(name: str):
     return load_model(ModelConfig(name_or_path=name, device=device)).model
 
 
-def set_scale(name: str) -> str:
-    """Size the workload for ``--scale name``; returns the model name that builds it."""
+def set_scale(name: str, bf16_base: bool = False) -> str:
+    """Size the workload for ``--scale name``; returns the model name that builds it. The base is
+    bf16 where the scale says so on CUDA, or anywhere with ``bf16_base``."""
     _, BATCH_, PROMPT_, RESPONSE_, layers, bf16 = SCALES[name]
     global BATCH, PROMPT, RESPONSE
     BATCH, PROMPT, RESPONSE = BATCH_, PROMPT_, RESPONSE_
     LAYERS[:] = layers
-    BF16_BASE["on"] = bf16 and torch.cuda.is_available()
+    BF16_BASE["on"] = (bf16 and torch.cuda.is_available()) or bf16_base
     return f"scale:{name}"
+
+
+def _autocast():
+    """bf16 autocast on the benchmark's device where the base is bf16: every provider alike."""
+    return torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=BF16_BASE["on"])
 
 
 def needed_flops(config, provider: str) -> float:
@@ -126,7 +132,7 @@ def _optimizer_step(loss_fn, optimizer):
     With a bf16 base, the loss runs under bf16 autocast for every provider alike."""
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16_BASE["on"]):
+        with _autocast():
             loss = loss_fn()
         loss.backward()
         optimizer.step()
@@ -235,7 +241,7 @@ def _floor_step(model, batch):
     plain = TunedModel(model, NoneConfig())  # response_loss's calling convention on the bare model
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=BF16_BASE["on"]):
+        with _autocast():
             loss = response_loss(plain, batch)
         loss.backward()
         return loss.item()
@@ -460,6 +466,7 @@ def memory_in_subprocesses(opts) -> dict[str, int]:
     """Each provider's peak training memory, each in its own fresh process. As many run side by side
     as there are cores (a process's peak is its own, whatever runs beside it): fewer start-ups to wait for."""
     where = (["--scale", opts.scale] if opts.scale else ["--model", opts.model]) + ["--layers", *map(str, LAYERS)]
+    where += ["--bf16-base"] if opts.bf16_base else []
 
     def measure(provider: str) -> int:
         proc = subprocess.run([sys.executable, "-m", "reft_lab.cli", "bench", *where, "--memory-only", provider,
@@ -482,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a random-initialised model and workload of this size, built on the device: smol_A (config A's "
                              "shapes), smol_host (config A at 1/8 width: per-op costs dominate), smol_b32, llama1b_b16, "
                              "llama7b_b8 (bf16 base weights on CUDA); adds an MFU column")
+    parser.add_argument("--bf16-base", action="store_true",
+                        help="with --scale: the frozen base in bf16 on any device (the GPU scales' default; on a CPU slow, for memory)")
     parser.add_argument("--providers", nargs="+", default=DEFAULT_PROVIDERS, choices=PROVIDERS,
                         help="the training steps to time: reft_lab's and pyreft's LoReFT, peft's LoRA, the frozen-base floor")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per provider first (JIT, caches)")
@@ -503,8 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     if cuda_only and not torch.cuda.is_available():
         raise ReftLabError(f"--providers {cuda_only[0]} is not allowed here: it needs CUDA (CUDA graphs), which this machine "
                            f"lacks; choose from {', '.join(p for p in PROVIDERS if p not in CUDA_ONLY)}")
+    if opts.bf16_base and not opts.scale:
+        raise ReftLabError("--bf16-base is not allowed without --scale: config A's embedded model loads in fp32; "
+                           f"choose a scale from {', '.join(SCALES)}")
+    scale_model = set_scale(opts.scale or "smol_A", opts.bf16_base)  # config A's shapes unless --scale, whatever ran before
     if opts.scale:
-        opts.model = set_scale(opts.scale)
+        opts.model = scale_model
     if opts.layers is not None:  # after the scale, which sets its own
         LAYERS[:] = opts.layers
     if opts.profile:
@@ -545,6 +558,6 @@ def main(argv: list[str] | None = None) -> int:
         {"date": record["date"], "machine": record["machine"], "provider": p, "median_s": f"{v['median_s']:.4f}",
          "p20_s": f"{v['p20_s']:.4f}", "p80_s": f"{v['p80_s']:.4f}", "peak_train_bytes": v["peak_train_bytes"],
          **{k: record["versions"][k] for k in ("torch", "transformers", "peft")}, "memory_method": method,
-         "scale": opts.scale or "", "mfu": f"{v['mfu']:.3f}" if "mfu" in v else ""} for p, v in record["providers"].items()])
+         "scale": (opts.scale or "") + ("+bf16" if opts.bf16_base else ""), "mfu": f"{v['mfu']:.3f}" if "mfu" in v else ""} for p, v in record["providers"].items()])
     print(json.dumps({key: record[key] for key in ("machine", "providers", "ratios", "paired_step_ratios")}, indent=2))
     return 0

@@ -34,6 +34,18 @@ def _grads(tuned):
     return {n: p.grad.detach().clone() for n, p in tuned.trainable_state().items()}
 
 
+def _step_saving(tuned, batch, counted):
+    """One loss and backward: (loss, gradients, how many tensors autograd saved for which ``counted``
+    holds); the gradients are zeroed after."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = response_loss(tuned, batch)
+    loss.backward()
+    grads = _grads(tuned)
+    tuned.zero_grad()
+    return loss.detach(), grads, sum(1 for t in saved if counted(t))
+
+
 def _full_logits_loss(tuned, batch):
     """The plain path: logits for every position, labels -100 outside the response."""
     logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
@@ -164,6 +176,28 @@ def test_bench_runs_on_a_tiny_model(tmp_path, capsys):
                                                  "reft_lab_loreft/floor_step"}
     assert {p: len(t) for p, t in record["times_s"].items()} == {p: 2 for p in record["providers"]}
     assert (tmp_path / "train_step.csv").read_text().count("\n") == 5
+
+
+def test_bench_bf16_base_on_any_device_and_config_a_after_it(tmp_path, capsys):
+    """``--bf16-base`` makes a scale's frozen base bf16 here too (the GPU scales' setting, for memory
+    on a CPU); a later run without it is config A's fp32 workload again in the same process."""
+    import reft_lab.bench as bench
+
+    try:
+        assert main(["bench", "--scale", "smol_host", "--bf16-base", "--providers", "reft_lab_loreft", "floor", "--warmup", "0",
+                     "--steps", "1", "--memory-steps", "1", "--out", str(tmp_path)]) == 0
+        record = json.loads((tmp_path / "train_step.jsonl").read_text().splitlines()[-1])
+        assert record["config"]["bf16_base"] is True and record["config"]["batch"] == 8
+        assert all(v["peak_train_bytes"] > 0 for v in record["providers"].values())
+        assert bench._model("scale:smol_host").dtype == torch.bfloat16  # the builder every provider uses
+        assert main(["bench", "--model", "tiny:llama", "--layers", "1", "2", "--warmup", "0", "--ops", "--providers", "floor"]) == 0
+        assert bench.BF16_BASE["on"] is False and (bench.BATCH, bench.PROMPT) == (8, 48)
+    finally:
+        bench.set_scale("smol_A")
+        bench.LAYERS[:] = [6, 12, 18, 24]
+    capsys.readouterr()
+    assert main(["bench", "--bf16-base", "--providers", "floor"]) == 2
+    assert "--bf16-base is not allowed without --scale" in capsys.readouterr().err
 
 
 def test_bench_needed_flops_match_a_hand_count():
@@ -380,15 +414,10 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     grad = torch.autograd.grad
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: nested.append(1) or grad(*a, **k))
 
+    activation = (*batch.input_ids.shape, tuned.base_model.config.intermediate_size)  # [B, T, intermediate]
+
     def run():
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            loss = response_loss(tuned, batch)
-        loss.backward()
-        grads = _grads(tuned)
-        tuned.zero_grad()
-        activation = (*batch.input_ids.shape, tuned.base_model.config.intermediate_size)  # [B, T, intermediate]
-        return loss.detach(), grads, sum(1 for t in saved if t.shape == activation)
+        return _step_saving(tuned, batch, lambda t: t.shape == activation)
 
     loss_plain, grads_plain, saved_plain = run()
     with lean_gated_mlps(tuned.base_model) as swapped:
@@ -401,6 +430,46 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     assert len(nested) == (0 if act == "silu" else saved[1] // 2)  # a nested autograd call per MLP with a gradient
 
 
+@pytest.mark.parametrize("arch,dtype,method,expected", [
+    ("llama", "bfloat16", {"name": "loreft", "layers": [1, 2]}, 9),  # two per layer and the final norm
+    ("qwen2", "float16", {"name": "lora", "dropout": 0.0}, 9),
+    ("llama", "float32", {"name": "loreft", "layers": [1, 2]}, 0),  # no upcast to drop
+    ("llama", "bfloat16", {"name": "full", "dtype": "bfloat16"}, 0),  # trainable norm weights keep their plain forward
+    ("gpt2", "bfloat16", {"name": "loreft", "layers": [1, 2]}, 0),  # LayerNorms fail the probe
+    ("gpt_neox", "bfloat16", {"name": "loreft", "layers": [1, 2]}, 0),
+])
+def test_frozen_rms_norms_are_found_by_their_forward_and_gradient(tiny, arch, dtype, method, expected):
+    from reft_lab.training.recompute import frozen_rms_norms
+
+    torch.manual_seed(0)
+    assert len(frozen_rms_norms(attach(tiny(arch, dtype=dtype).model, method).base_model)) == expected
+
+
+@pytest.mark.parametrize("method", [{"name": "loreft", "layers": [1, 2]}, {"name": "lora", "dropout": 0.0}], ids=["loreft", "lora"])
+def test_lean_rms_norms_same_losses_and_gradients_no_fp32_copies_saved(tiny, method):
+    from reft_lab.training.recompute import lean_rms_norms
+
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    torch.manual_seed(0)
+    tuned = attach(tiny("llama", dtype="bfloat16").model, method).train()
+    hidden = (*batch.input_ids.shape, tuned.base_model.config.hidden_size)
+
+    def run():
+        return _step_saving(tuned, batch, lambda t: t.shape == hidden and t.dtype == torch.float32)
+
+    loss_plain, grads_plain, upcasts_plain = run()
+    with lean_rms_norms(tuned.base_model) as swapped:
+        assert swapped == 9
+        loss_lean, grads_lean, upcasts_lean = run()
+    assert all("forward" not in module.__dict__ for module in tuned.base_model.modules()), "not restored"
+    assert torch.equal(loss_lean, loss_plain)
+    assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
+    # each norm with a gradient saved its [B, T, d] fp32 upcast twice (for pow and for the product):
+    # LoReFT at layers 1-2 backpropagates through layers 2-3 and the final norm; LoRA through every
+    # norm but the first, whose input (the embeddings) needs no gradient
+    assert (upcasts_plain, upcasts_lean) == ((2 * 5, 0) if method["name"] == "loreft" else (2 * 8, 0))
+
+
 def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     from dataclasses import replace
 
@@ -408,7 +477,8 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     from reft_lab.settings import RunSettings, config_fingerprint, run_config
 
     base = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=loreft"]))
-    same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"prefix_cache_gb": 1.0}]
+    same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"recompute_norm_upcast": False},
+            {"prefix_cache_gb": 1.0}]
     for change in same:
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) == config_fingerprint(base), change
     for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}, {"pad_to_multiple": 8}]:  # these change numbers

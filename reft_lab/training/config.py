@@ -25,6 +25,7 @@ class TrainerConfig:
     cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled block as a CUDA graph (small, launch-bound models)
     pad_to_multiple: int | None = None  # batch lengths padded up to a multiple: fewer shapes to compile and capture (null: 64 with cuda_graphs, else 1)
     recompute_mlp_act: bool = True  # gated MLPs recompute act(gate) in backward instead of saving it (eager path)
+    recompute_norm_upcast: bool = True  # frozen RMSNorms save a bf16/fp16 input, not its fp32 upcast (eager path)
     prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
     prefix_cache_dtype: str | None = None  # null = the model's dtype; bfloat16 halves the cache

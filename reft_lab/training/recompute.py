@@ -1,15 +1,29 @@
-"""Gated MLPs that keep act(gate) out of training memory.
+"""What the frozen base's modules recompute in backward instead of saving: the swaps of
+``trainer.recompute_mlp_act`` (gated MLPs) and ``trainer.recompute_norm_upcast`` (RMSNorms).
+
+Both follow one rule: a module is swapped only when the swapped forward reproduces its own exactly on
+a probe input (the norm: its input gradient too), so there is no per-architecture table, and values
+and gradients are the same kernels on the same inputs: bit-identical to the plain module's.
 
 A gated MLP (Llama and Qwen2 among the tested shapes) computes ``down(act(gate(x)) * up(x))``. Autograd
 saves three [tokens, intermediate] tensors per layer for it: gate (for act's backward), act(gate)
 and up (for the product's backward). ``GatedProduct`` saves gate and up only and recomputes
 act(gate) in backward, one cheap pointwise op, so a third of the MLP's saved activations go: about
-a sixth of a ReFT step's activation memory on SmolLM2 (``reft-lab bench``). Values and gradients are
-the same kernels on the same inputs, so they are bit-identical to the plain module's.
+a sixth of a ReFT step's activation memory on SmolLM2 (``reft-lab bench``).
 
-No per-architecture table: a module is swapped only when it has ``gate_proj``, ``up_proj``,
-``down_proj`` and ``act_fn`` and the swapped forward reproduces its own forward exactly on a probe
-input; anything else (GPT-2's MLP, fused ``gate_up_proj``) keeps its forward.
+A module is swapped when it has ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` and passes
+the probe; anything else (GPT-2's MLP, fused ``gate_up_proj``) keeps its forward.
+
+An RMSNorm (Llama, Qwen2, Mistral…) upcasts a bf16/fp16 input to fp32 and autograd saves that fp32
+copy: two bytes per value more than the input itself, 16 KiB per token and layer at LLaMA-7B's width
+(two norms), of the ~107 KiB per token and layer a LoReFT step held there on the H100 (11,104 MiB
+over 26 layers × 4096 tokens). ``FrozenRMSNorm`` saves the input and the per-row 1/rms, and redoes
+the upcast in backward (one cast); one autograd node instead of seven.
+Swapped: norms with a frozen bf16/fp16 weight (a frozen low-precision base; full fine-tuning keeps
+its plain norms). An fp32 norm has no upcast to drop, and is left alone because its gradient would
+not be bit-identical: autograd adds the norm's two inner contributions to the residual's gradient
+in one buffer, where the swapped norm adds their sum (another rounding order). Behind a cast, as in
+bf16, both orders are the same.
 """
 
 from __future__ import annotations
@@ -89,3 +103,76 @@ def lean_gated_mlps(model: nn.Module):
     mlps = gated_mlps(model)
     with swapped_forwards(mlps, _lean_forward):
         yield len(mlps)
+
+
+class FrozenRMSNorm(torch.autograd.Function):
+    """weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype), computed in fp32 like transformers' RMSNorm;
+    saves x in its own dtype and the per-row rsqrt. The backward is autograd's own chain of ops for
+    that forward (mul, cast, mul, sum, rsqrt', mean', pow'), so the input gradient is bit-identical."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        upcast = x.to(torch.float32)
+        inv_rms = torch.rsqrt(upcast.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, inv_rms, weight)
+        return weight * (upcast * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, inv_rms, weight = ctx.saved_tensors
+        upcast = x.to(torch.float32)
+        grad_normed = (grad * weight).to(torch.float32)
+        grad_inv_rms = (grad_normed * upcast).sum(-1, keepdim=True)
+        grad_mean = (grad_inv_rms * -0.5 * inv_rms.pow(3)).expand(upcast.shape) / upcast.shape[-1]
+        grad_upcast = grad_normed * inv_rms + grad_mean * (2.0 * upcast.pow(1.0))
+        return grad_upcast.to(x.dtype), None, None
+
+
+def _norm_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return eps if isinstance(eps, float) else None
+
+
+def _lean_norm_forward(norm: nn.Module):
+    weight, eps, plain = norm.weight, _norm_eps(norm), norm.forward
+
+    def forward(x):  # the dtype the probe checked; another (an fp32 input to a bf16 norm) runs the plain forward
+        return FrozenRMSNorm.apply(x, weight, eps) if x.dtype == weight.dtype else plain(x)
+
+    return forward
+
+
+def _is_frozen_rms_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    if not (isinstance(weight, nn.Parameter) and weight.dim() == 1 and not weight.requires_grad
+            and weight.dtype in (torch.bfloat16, torch.float16) and _norm_eps(module) is not None):
+        return False
+    g = torch.Generator().manual_seed(0)
+    probe = (3 * torch.randn(2, 3, weight.numel(), generator=g)).to(weight)
+    probe_grad = torch.randn(2, 3, weight.numel(), generator=g).to(weight)
+    try:
+        with torch.enable_grad():
+            outputs = []
+            for forward in (module.forward, _lean_norm_forward(module)):
+                x = probe.clone().requires_grad_()
+                y = forward(x)
+                outputs.append((y.detach(), torch.autograd.grad(y, x, probe_grad)[0]))
+    except Exception:  # another signature or layout: not the pattern
+        return False
+    (y_plain, dx_plain), (y_lean, dx_lean) = outputs
+    return torch.equal(y_plain, y_lean) and torch.equal(dx_plain, dx_lean)
+
+
+def frozen_rms_norms(model: nn.Module) -> list[nn.Module]:
+    """The model's RMSNorms with a frozen bf16/fp16 weight whose forward and input gradient
+    ``FrozenRMSNorm`` reproduces exactly."""
+    return [module for module in model.modules() if _is_frozen_rms_norm(module)]
+
+
+@contextmanager
+def lean_rms_norms(model: nn.Module):
+    """While the context lasts, every frozen RMSNorm of ``model`` saves its input instead of its fp32
+    upcast; yields how many were swapped."""
+    norms = frozen_rms_norms(model)
+    with swapped_forwards(norms, _lean_norm_forward):
+        yield len(norms)

@@ -3,6 +3,7 @@
 * ``trainer.compile``: each decoder block's forward through ``torch.compile`` (regional); with
   ``trainer.cuda_graphs``, replayed as CUDA graphs.
 * ``trainer.recompute_mlp_act``: gated MLPs recompute act(gate) in backward (``recompute``).
+* ``trainer.recompute_norm_upcast``: frozen RMSNorms save their input, not its fp32 upcast (``recompute``).
 * ``trainer.prefix_cache``: ReFT reuses the frozen activations below its lowest layer (``prefix_cache``).
 Each leaves the numbers as they were (the prefix cache to float rounding; see its module).
 """
@@ -21,7 +22,7 @@ from reft_lab.models.layers import decoder_layers, swapped_forwards
 from reft_lab.models.loading import DTYPES
 from reft_lab.training.config import TrainerConfig
 from reft_lab.training.prefix_cache import PrefixCache, stochastic_prefix
-from reft_lab.training.recompute import lean_gated_mlps
+from reft_lab.training.recompute import lean_gated_mlps, lean_rms_norms
 
 
 def _mark_batch_and_length_dynamic(module, args, kwargs) -> None:
@@ -75,13 +76,17 @@ def compiled_layers(model: nn.Module, cuda_graphs: bool = False):
 
 def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:
     """The training-time swaps of the model's forwards, undone on exit: compiled decoder blocks
-    (``trainer.compile``, captured as CUDA graphs with ``trainer.cuda_graphs``), or else gated MLPs that recompute act(gate) (``trainer.recompute_mlp_act``;
-    inductor already recomputes such ops in compiled blocks)."""
+    (``trainer.compile``, captured as CUDA graphs with ``trainer.cuda_graphs``), or else the eager
+    recomputes: gated MLPs' act(gate) (``trainer.recompute_mlp_act``) and frozen RMSNorms' fp32 upcast
+    (``trainer.recompute_norm_upcast``). Inductor already recomputes such ops in compiled blocks."""
     stack = ExitStack()
     if t.compile:
         stack.enter_context(compiled_layers(tuned.base_model, t.cuda_graphs))
-    elif t.recompute_mlp_act:
+        return stack
+    if t.recompute_mlp_act:
         stack.enter_context(lean_gated_mlps(tuned.base_model))
+    if t.recompute_norm_upcast:
+        stack.enter_context(lean_rms_norms(tuned.base_model))
     return stack
 
 
