@@ -36,7 +36,8 @@ from reft_lab.errors import ReftLabError
 
 LAYERS, RANK, FIRST, LAST = [6, 12, 18, 24], 4, 3, 3  # config A; --layers changes LAYERS (small test models)
 BATCH, PROMPT, RESPONSE = 8, 48, 16
-PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_ckpt", "reft_lab_loreft_compiled", "reft_lab_loreft_graphs",
+PROVIDERS = ["reft_lab_loreft", "reft_lab_loreft_cached", "reft_lab_loreft_recompute", "reft_lab_loreft_ckpt",
+             "reft_lab_loreft_compiled", "reft_lab_loreft_graphs",
              "reft_lab_loreft_eager", "pyreft_loreft", "peft_lora", "reft_lab_lora", "floor"]
 CUDA_ONLY = ("reft_lab_loreft_graphs",)  # trainer.cuda_graphs
 # floor: the plain transformers model's forward plus the activation-gradient backward from the lowest
@@ -164,7 +165,8 @@ def make_step(provider: str, model_name: str):
             tuned.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # the training loop's own forward swaps at its defaults (compile only where the provider says)
         graphs = provider.endswith("graphs")
-        swaps = hot_path(tuned, TrainerConfig(compile=provider.endswith(("compiled", "graphs")), cuda_graphs=graphs))
+        swaps = hot_path(tuned, TrainerConfig(compile=provider.endswith(("compiled", "graphs")), cuda_graphs=graphs,
+                                              recompute_mlp=provider.endswith("recompute")))
         swaps.__enter__()
         tuned.train()
         optimizer = build_optimizer(tuned, 1e-3, 0.0)

@@ -430,6 +430,32 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     assert len(nested) == (0 if act == "silu" else saved[1] // 2)  # a nested autograd call per MLP with a gradient
 
 
+@pytest.mark.parametrize("method", [
+    {"name": "loreft", "layers": [1, 2]},
+    {"name": "lora", "dropout": 0.0, "target_modules": ["gate_proj", "up_proj"]},  # recomputed through the wrapped linears
+    {"name": "full"},
+], ids=["loreft", "lora-on-the-mlp", "full"])
+def test_recompute_mlp_same_losses_and_gradients_no_mlp_activation_saved(tiny, method):
+    from reft_lab.models.layers import decoder_layers
+    from reft_lab.training.recompute import lean_gated_mlps
+
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
+    tuned = _fresh(tiny, method)
+    activation = (*batch.input_ids.shape, tuned.base_model.config.intermediate_size)  # [B, T, intermediate]
+
+    def run():
+        return _step_saving(tuned, batch, lambda t: t.shape == activation)
+
+    loss_plain, grads_plain, saved_plain = run()
+    with lean_gated_mlps(tuned.base_model, recompute_projections=True) as swapped:
+        assert swapped == 4
+        loss_lean, grads_lean, saved_lean = run()
+    assert all("forward" not in layer.mlp.__dict__ for layer in decoder_layers(tuned.base_model)), "not restored"
+    assert torch.equal(loss_lean, loss_plain)
+    assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
+    assert saved_plain > 0 and saved_lean == 0  # gate, act(gate) and up: none kept from forward to backward
+
+
 @pytest.mark.parametrize("arch,dtype,method,expected", [
     ("llama", "bfloat16", {"name": "loreft", "layers": [1, 2]}, 9),  # two per layer and the final norm
     ("qwen2", "float16", {"name": "lora", "dropout": 0.0}, 9),
@@ -477,8 +503,8 @@ def test_resume_fingerprint_ignores_memory_switches_that_keep_the_numbers():
     from reft_lab.settings import RunSettings, config_fingerprint, run_config
 
     base = RunSettings.from_cfg(compose(["model=tiny", "trainer=smoke", "method=loreft"]))
-    same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"recompute_norm_upcast": False},
-            {"prefix_cache_gb": 1.0}]
+    same = [{"gradient_checkpointing": True}, {"recompute_mlp_act": False}, {"recompute_mlp": True},
+            {"recompute_norm_upcast": False}, {"prefix_cache_gb": 1.0}]
     for change in same:
         assert config_fingerprint(replace(base, trainer=replace(base.trainer, **change))) == config_fingerprint(base), change
     for change in [{"prefix_cache": False}, {"compile": True}, {"batch_size": 2}, {"pad_to_multiple": 8}]:  # these change numbers
@@ -506,6 +532,22 @@ def test_cuda_graphs_are_refused_without_compile_or_cuda(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "trainer.cuda_graphs=True is not allowed" in err[0] and needle in err[0], err
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_training_with_recompute_mlp_ends_at_the_same_loss_and_refuses_compile(tmp_path, capsys):
+    overrides = ["model=tiny", "model.device=cpu", "trainer=smoke", "method=loreft", "method.layers=[1,2]", "logger=none",
+                 "trainer.prefix_cache=false", "retention.knowledge_probe=2", "retention.kl_prompts=2",
+                 "retention.leakage_prompts=2", "task.test_size=2"]
+    losses = []
+    for extra in ([], ["trainer.recompute_mlp=true"]):
+        run_dir = tmp_path / str(len(losses))
+        assert main(["train", *overrides, *extra, f"hydra.run.dir={run_dir}"]) == 0
+        losses.append(json.loads((run_dir / "metrics.json").read_text())["final_loss"])
+    assert losses[0] == losses[1]
+    capsys.readouterr()
+    assert main(["train", *overrides, "trainer.recompute_mlp=true", "trainer.compile=true", f"hydra.run.dir={tmp_path / 'c'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trainer.recompute_mlp=True is not allowed" in err[0] and "trainer.compile=true" in err[0], err
 
 
 def test_batches_padded_to_a_multiple_give_the_same_loss(tiny):

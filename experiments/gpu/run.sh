@@ -15,7 +15,7 @@
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
 # benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), kernel_resources.csv
 # (the kernels' registers and spills as this machine's Triton compiles them), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
-# included; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
+# included; the opt-in MLP recompute at 7B; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
 # step, compile and CUDA graphs among them), goals.md (the GPU issue's goals table, `goals.py`) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
@@ -56,6 +56,11 @@ echo "== one training step at four scales (each provider alone)"
 for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
   timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
     --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
+done
+echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
+for scale in llama7b_b8; do
+  timeout 150 $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
+    --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error" ; echo "$scale recompute rc=$?"
 done
 fi
 if want compiled; then

@@ -25,6 +25,7 @@ class TrainerConfig:
     cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled block as a CUDA graph (small, launch-bound models)
     pad_to_multiple: int | None = None  # batch lengths padded up to a multiple: fewer shapes to compile and capture (null: 64 with cuda_graphs, else 1)
     recompute_mlp_act: bool = True  # gated MLPs recompute act(gate) in backward instead of saving it (eager path)
+    recompute_mlp: bool = False  # gated MLPs save only their input, recompute gate, up and act in backward: less memory, a slower step
     recompute_norm_upcast: bool = True  # frozen RMSNorms save a bf16/fp16 input, not its fp32 upcast (eager path)
     prefix_cache: bool = True  # ReFT: reuse frozen activations below the lowest intervened layer (epochs ≥ 2)
     prefix_cache_gb: float = 2.0  # memory bound of the cache
@@ -46,6 +47,8 @@ class TrainerConfig:
             raise config_error("trainer.cuda_graphs", True, "false unless trainer.compile=true (the graphs replay the compiled blocks)")
         if self.cuda_graphs and self.gradient_checkpointing:  # blocks re-run inside backward: not a combination tested on a GPU
             raise config_error("trainer.cuda_graphs", True, "false with trainer.gradient_checkpointing=true (not supported together)")
+        if self.recompute_mlp and self.compile:  # inductor decides what compiled blocks save and recompute
+            raise config_error("trainer.recompute_mlp", True, "false with trainer.compile=true (compiled blocks choose their own recomputation)")
         if self.pad_to_multiple is not None and (isinstance(self.pad_to_multiple, bool) or not isinstance(self.pad_to_multiple, int)
                                                  or self.pad_to_multiple < 1):
             raise config_error("trainer.pad_to_multiple", self.pad_to_multiple, "null or an integer ≥ 1")

@@ -1,5 +1,6 @@
 """What the frozen base's modules recompute in backward instead of saving: the swaps of
-``trainer.recompute_mlp_act`` (gated MLPs) and ``trainer.recompute_norm_upcast`` (RMSNorms).
+``trainer.recompute_mlp_act`` and ``trainer.recompute_mlp`` (gated MLPs) and
+``trainer.recompute_norm_upcast`` (RMSNorms).
 
 Both follow one rule: a module is swapped only when the swapped forward reproduces its own exactly on
 a probe input (the norm: its input gradient too), so there is no per-architecture table, and values
@@ -13,6 +14,12 @@ a sixth of a ReFT step's activation memory on SmolLM2 (``reft-lab bench``).
 
 A module is swapped when it has ``gate_proj``, ``up_proj``, ``down_proj`` and ``act_fn`` and passes
 the probe; anything else (GPT-2's MLP, fused ``gate_up_proj``) keeps its forward.
+
+``trainer.recompute_mlp`` (opt-in) goes further: the MLP saves only its input x and recomputes
+gate(x), up(x) and act in backward (a checkpoint of the product), so none of the three [tokens,
+intermediate] tensors is kept; it costs the two projections' forward again, about a fifth more of a
+frozen base's step. A middle point between the default and ``trainer.gradient_checkpointing``, which
+recomputes whole layers.
 
 An RMSNorm (Llama, Qwen2, Mistral…) upcasts a bf16/fp16 input to fp32 and autograd saves that fp32
 copy: two bytes per value more than the input itself, 16 KiB per token and layer at LLaMA-7B's width
@@ -33,6 +40,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from reft_lab.models.layers import swapped_forwards
 
@@ -96,12 +104,26 @@ def gated_mlps(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if _is_gated_mlp(module)]
 
 
+def _recomputing_forward(mlp: nn.Module):
+    def product(x):
+        return mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+
+    def forward(x):
+        if not torch.is_grad_enabled():
+            return mlp.down_proj(product(x))
+        # the product has no randomness: no RNG state to save and restore per call
+        return mlp.down_proj(checkpoint(product, x, use_reentrant=False, preserve_rng_state=False))
+
+    return forward
+
+
 @contextmanager
-def lean_gated_mlps(model: nn.Module):
-    """While the context lasts, every gated MLP of ``model`` recomputes act(gate) in backward;
-    yields how many were swapped (0 for architectures without one)."""
+def lean_gated_mlps(model: nn.Module, recompute_projections: bool = False):
+    """While the context lasts, every gated MLP of ``model`` recomputes act(gate) in backward (with
+    ``recompute_projections``: gate, up and act, from its saved input); yields how many were swapped
+    (0 for architectures without one)."""
     mlps = gated_mlps(model)
-    with swapped_forwards(mlps, _lean_forward):
+    with swapped_forwards(mlps, _recomputing_forward if recompute_projections else _lean_forward):
         yield len(mlps)
 
 

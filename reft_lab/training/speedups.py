@@ -2,7 +2,8 @@
 
 * ``trainer.compile``: each decoder block's forward through ``torch.compile`` (regional); with
   ``trainer.cuda_graphs``, replayed as CUDA graphs.
-* ``trainer.recompute_mlp_act``: gated MLPs recompute act(gate) in backward (``recompute``).
+* ``trainer.recompute_mlp_act``: gated MLPs recompute act(gate) in backward (``recompute``);
+  ``trainer.recompute_mlp``: gate, up and act, from the MLP's input.
 * ``trainer.recompute_norm_upcast``: frozen RMSNorms save their input, not its fp32 upcast (``recompute``).
 * ``trainer.prefix_cache``: ReFT reuses the frozen activations below its lowest layer (``prefix_cache``).
 Each leaves the numbers as they were (the prefix cache to float rounding; see its module).
@@ -77,14 +78,15 @@ def compiled_layers(model: nn.Module, cuda_graphs: bool = False):
 def hot_path(tuned: TunedModel, t: TrainerConfig) -> ExitStack:
     """The training-time swaps of the model's forwards, undone on exit: compiled decoder blocks
     (``trainer.compile``, captured as CUDA graphs with ``trainer.cuda_graphs``), or else the eager
-    recomputes: gated MLPs' act(gate) (``trainer.recompute_mlp_act``) and frozen RMSNorms' fp32 upcast
+    recomputes: gated MLPs' act(gate) (``trainer.recompute_mlp_act``; everything but their input with
+    ``trainer.recompute_mlp``) and frozen RMSNorms' fp32 upcast
     (``trainer.recompute_norm_upcast``). Inductor already recomputes such ops in compiled blocks."""
     stack = ExitStack()
     if t.compile:
         stack.enter_context(compiled_layers(tuned.base_model, t.cuda_graphs))
         return stack
-    if t.recompute_mlp_act:
-        stack.enter_context(lean_gated_mlps(tuned.base_model))
+    if t.recompute_mlp or t.recompute_mlp_act:
+        stack.enter_context(lean_gated_mlps(tuned.base_model, recompute_projections=t.recompute_mlp))
     if t.recompute_norm_upcast:
         stack.enter_context(lean_rms_norms(tuned.base_model))
     return stack
