@@ -241,6 +241,31 @@ def test_chunked_cross_entropy_equals_one_chunk(tiny, monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("block,max_blocks", [(2**20, 32), (600, 32), (600, 3)], ids=["one-block", "2-rows-a-block", "3-blocks"])
+def test_bf16_logits_keep_no_fp32_log_probabilities_same_gradients(tiny, monkeypatch, block, max_blocks):
+    import reft_lab.training.loss as loss_module
+
+    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)  # 10 scored rows of 259 logits
+    torch.manual_seed(0)
+    tuned = attach(tiny("llama", dtype="bfloat16").model, {"name": "loreft", "layers": [1]}).train()
+    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "MAX_BLOCKS", max_blocks)
+    vocab = tuned.base_model.config.vocab_size
+
+    def log_probs(t):
+        return t.dtype == torch.float32 and t.dim() == 2 and t.shape[-1] == vocab
+
+    loss, grads, saved = _step_saving(tuned, batch, log_probs)
+    monkeypatch.setattr(loss_module, "summed_cross_entropy",  # what autograd alone keeps
+                        lambda logits, targets: F.cross_entropy(logits.float(), targets, reduction="sum"))
+    loss_plain, grads_plain, saved_plain = _step_saving(tuned, batch, log_probs)
+    torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=0)  # block sums, added in another order
+    assert all(torch.equal(grads[name], grad) for name, grad in grads_plain.items())
+    assert saved == 0 and saved_plain > 0
+    assert len(loss_module.LowPrecisionCrossEntropy._blocks(torch.empty(10, vocab))) == {2**20: 1, 600: 5, 3: 3}.get(
+        block if max_blocks == 32 else max_blocks)
+
+
 def test_length_grouped_batches_are_a_sorted_permutation():
     from reft_lab.training import BatchStream
 

@@ -11,16 +11,58 @@ from reft_lab.models.head import logits_at
 CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded memory for large vocabularies
 
 
+class LowPrecisionCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of bf16/fp16 logits, computed in fp32 over row blocks of about
+    ``BLOCK_ELEMENTS`` logits (at most ``MAX_BLOCKS`` blocks). Autograd would keep the fp32
+    log-probabilities for backward (4 bytes a logit: at a 128K vocabulary, 0.5 GB per thousand scored
+    tokens) and build the gradient of a whole chunk at once (three more fp32 copies); this keeps the
+    logits themselves (2 bytes) and, in backward, recomputes each block's log-probabilities and
+    differentiates them by autograd's own formulas: each logit's gradient is bit-identical (the loss,
+    a sum of block sums, may differ from one sum in its last bit)."""
+
+    BLOCK_ELEMENTS = 2**20  # 4 MiB per fp32 copy of a block: a small transient...
+    MAX_BLOCKS = 32  # ...unless that makes more blocks than this (each block is a dozen kernel launches)
+
+    @staticmethod
+    def _blocks(logits: torch.Tensor):
+        n, vocab = logits.shape
+        rows = max(1, LowPrecisionCrossEntropy.BLOCK_ELEMENTS // vocab, -(-n // LowPrecisionCrossEntropy.MAX_BLOCKS))
+        return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, targets)
+        return sum(F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
+                   for rows in LowPrecisionCrossEntropy._blocks(logits))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for rows in LowPrecisionCrossEntropy._blocks(logits):
+            with torch.enable_grad():
+                leaf = logits[rows].detach().requires_grad_()
+                loss = F.cross_entropy(leaf.float(), targets[rows], reduction="sum")
+            grad_logits[rows] = torch.autograd.grad(loss, leaf, grad)[0]
+        return grad_logits, None
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Σ cross-entropy of [N, V] logits, in fp32 without a full fp32 copy of them at once: bf16/fp16
+    logits (with a gradient) through ``LowPrecisionCrossEntropy``; others over row chunks of
+    ``CE_CHUNK_ELEMENTS``."""
+    if logits.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and len(targets):
+        return LowPrecisionCrossEntropy.apply(logits, targets)
+    rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
+    return sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
+               for i in range(0, len(targets), rows))
+
+
 def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """Mean cross-entropy over response tokens. The LM head runs only on the positions whose next
     token is supervised (``logits_at``: one contiguous [N, d] matmul, no logits for prompt or
-    padding), and the loss runs over row chunks so no full fp32 copy of a large-vocabulary logit
-    tensor is made."""
+    padding), and ``summed_cross_entropy`` makes no full fp32 copy of a large-vocabulary logit tensor."""
     with logits_at(tuned, batch.scored):
         logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
                        position_ids=batch.position_ids, use_cache=False).logits  # [N, V]
-    targets = batch.targets
-    rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
-    total = sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
-                for i in range(0, len(targets), rows))
-    return total / max(len(targets), 1)
+    return summed_cross_entropy(logits, batch.targets) / max(len(batch.targets), 1)
