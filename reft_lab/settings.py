@@ -106,8 +106,8 @@ def run_config(settings: RunSettings) -> dict:
     and norm-upcast recomputes, the cache's bound and spill, CUDA graphs: the compiled kernels replayed)."""
     trainer = {k: v for k, v in asdict(settings.trainer).items()
                if k not in ("log_every", "checkpoint_every", "keep_checkpoints", "resume",
-                            "gradient_checkpointing", "recompute_mlp_act", "recompute_mlp", "recompute_norm_upcast", "prefix_cache_gb", "prefix_cache_spill", "cuda_graphs",
-                            "pad_to_multiple")}
+                            "gradient_checkpointing", "recompute_mlp_act", "recompute_mlp", "recompute_norm_upcast",
+                            "prefix_cache_gb", "prefix_cache_spill", "cuda_graphs", "pad_to_multiple")}
     if settings.trainer.length_multiple != 1:  # the padding in effect (CUDA graphs choose one); 1 as before the option
         trainer["pad_to_multiple"] = settings.trainer.length_multiple
     method = asdict(settings.method)

@@ -2,9 +2,10 @@
 ``trainer.recompute_mlp_act`` and ``trainer.recompute_mlp`` (gated MLPs) and
 ``trainer.recompute_norm_upcast`` (RMSNorms).
 
-Both follow one rule: a module is swapped only when the swapped forward reproduces its own exactly on
-a probe input (the norm: its input gradient too), so there is no per-architecture table, and values
-and gradients are the same kernels on the same inputs: bit-identical to the plain module's.
+One rule for all three: a module is swapped only when a swapped forward reproduces its own exactly on
+a probe input (the MLP: the ``GatedProduct`` form; the norm: its input gradient too), so there is no
+per-architecture table, and values and gradients are the same kernels on the same inputs:
+bit-identical to the plain module's.
 
 A gated MLP (Llama and Qwen2 among the tested shapes) computes ``down(act(gate(x)) * up(x))``. Autograd
 saves three [tokens, intermediate] tensors per layer for it: gate (for act's backward), act(gate)
@@ -17,20 +18,19 @@ the probe; anything else (GPT-2's MLP, fused ``gate_up_proj``) keeps its forward
 
 ``trainer.recompute_mlp`` (opt-in) goes further: the MLP saves only its input x and recomputes
 gate(x), up(x) and act in backward (a checkpoint of the product), so none of the three [tokens,
-intermediate] tensors is kept; it costs the two projections' forward again, about a fifth more of a
-frozen base's step. A middle point between the default and ``trainer.gradient_checkpointing``, which
-recomputes whole layers.
+intermediate] tensors is kept; it costs the two projections' forward again (a 1.10-1.12× step on a
+CPU at SmolLM2's shapes, README). A middle point between the default and
+``trainer.gradient_checkpointing``, which recomputes whole layers.
 
 An RMSNorm (Llama, Qwen2, Mistral…) upcasts a bf16/fp16 input to fp32 and autograd saves that fp32
 copy: two bytes per value more than the input itself, 16 KiB per token and layer at LLaMA-7B's width
 (two norms), of the ~107 KiB per token and layer a LoReFT step held there on the H100 (11,104 MiB
 over 26 layers × 4096 tokens). ``FrozenRMSNorm`` saves the input and the per-row 1/rms, and redoes
-the upcast in backward (one cast); one autograd node instead of seven.
-Swapped: norms with a frozen bf16/fp16 weight (a frozen low-precision base; full fine-tuning keeps
-its plain norms). An fp32 norm has no upcast to drop, and is left alone because its gradient would
-not be bit-identical: autograd adds the norm's two inner contributions to the residual's gradient
-in one buffer, where the swapped norm adds their sum (another rounding order). Behind a cast, as in
-bf16, both orders are the same.
+the upcast in backward (one cast); one autograd node instead of seven. Swapped: norms with a frozen
+bf16/fp16 weight (a frozen low-precision base; full fine-tuning keeps its plain norms). An fp32 norm
+has no upcast to drop, and is left alone because its gradient would not be bit-identical: autograd
+adds the norm's two inner contributions to the residual's gradient in one buffer, where the swapped
+norm adds their sum (another rounding order). Behind a cast, as in bf16, both orders are the same.
 """
 
 from __future__ import annotations
