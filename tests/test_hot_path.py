@@ -249,6 +249,7 @@ def test_bf16_logits_keep_no_fp32_log_probabilities_same_gradients(tiny, monkeyp
     torch.manual_seed(0)
     tuned = attach(tiny("llama", dtype="bfloat16").model, {"name": "loreft", "layers": [1]}).train()
     monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "GPU_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "MAX_BLOCKS", max_blocks)
     vocab = tuned.base_model.config.vocab_size
 

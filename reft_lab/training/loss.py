@@ -13,7 +13,7 @@ CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded me
 
 class LowPrecisionCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of bf16/fp16 logits, computed in fp32 over row blocks of about
-    ``BLOCK_ELEMENTS`` logits (at most ``MAX_BLOCKS`` blocks). Autograd would keep the fp32
+    ``BLOCK_ELEMENTS`` logits (``GPU_BLOCK_ELEMENTS`` off the CPU; at most ``MAX_BLOCKS`` blocks). Autograd would keep the fp32
     log-probabilities for backward (4 bytes a logit: at a 128K vocabulary, 0.5 GB per thousand scored
     tokens) and build the gradient of a whole chunk at once (three more fp32 copies); this keeps the
     logits themselves (2 bytes) and, in backward, recomputes each block's log-probabilities and
@@ -21,12 +21,15 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
     a sum of block sums, may differ from one sum in its last bit)."""
 
     BLOCK_ELEMENTS = 2**20  # 4 MiB per fp32 copy of a block: a small transient...
-    MAX_BLOCKS = 32  # ...unless that makes more blocks than this (each block is a dozen kernel launches)
+    GPU_BLOCK_ELEMENTS = 2**22  # ...but on a GPU each block costs a dozen kernel launches: 4× fewer blocks
+    MAX_BLOCKS = 32  # and never more blocks than this
 
     @staticmethod
     def _blocks(logits: torch.Tensor):
         n, vocab = logits.shape
-        rows = max(1, LowPrecisionCrossEntropy.BLOCK_ELEMENTS // vocab, -(-n // LowPrecisionCrossEntropy.MAX_BLOCKS))
+        cls = LowPrecisionCrossEntropy
+        block = cls.BLOCK_ELEMENTS if logits.device.type == "cpu" else cls.GPU_BLOCK_ELEMENTS
+        rows = max(1, block // vocab, -(-n // cls.MAX_BLOCKS))
         return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
 
     @staticmethod
