@@ -2,8 +2,9 @@
 # The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR [SECTION ...]]`) on a CUDA
 # machine, from the project root. No network needed. About 8 minutes on an H100 before the compiled
 # section and the compiled training jobs were added (their cold compiles are not yet timed).
-# SECTIONs (default: all, in this order): tests kernels bench compiled train. A device lent for
-# calls of at most 10 minutes runs them as two calls: `tests kernels bench`, then `compiled train`
+# SECTIONs (default: all, in this order): tests kernels bench compiled train recompute. A device lent
+# for calls of at most 10 minutes runs them as two calls: `tests kernels bench`, then `compiled train
+# recompute`
 # (later calls append to the same OUTDIR's CSV/JSONL).
 #
 # Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
@@ -15,14 +16,14 @@
 # Writes into OUTDIR (default experiments/gpu/latest): pytest_cuda.log, kernels.csv (the kernel
 # benchmark), factors.csv (LoReFT's batched factors against a QR per intervention), kernel_resources.csv
 # (the kernels' registers and spills as this machine's Triton compiles them), bench/train_step.{jsonl,csv} (`reft-lab bench --scale` at four scales, floor and MFU
-# included; the opt-in MLP recompute at 7B; compiled blocks and CUDA graphs at two), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
+# included; compiled blocks and CUDA graphs at two; the opt-in MLP recompute at 7B), train.jsonl (short real `reft-lab train` jobs: tokens/s, first
 # step, compile and CUDA graphs among them), goals.md (the GPU issue's goals table, `goals.py`) and run.log.
 set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
-SECTIONS=(tests kernels bench compiled train)
+SECTIONS=(tests kernels bench compiled train recompute)
 [ $# -gt 1 ] && SECTIONS=("${@:2}")
 for s in "${SECTIONS[@]}"; do
-  case $s in tests|kernels|bench|compiled|train) ;; *) echo "run.sh: unknown section '$s' (tests kernels bench compiled train)"; exit 2;; esac
+  case $s in tests|kernels|bench|compiled|train|recompute) ;; *) echo "run.sh: unknown section '$s' (tests kernels bench compiled train recompute)"; exit 2;; esac
 done
 want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
 exec > >(tee -a "$OUT/run.log") 2>&1
@@ -57,11 +58,6 @@ for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
   timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
     --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
 done
-echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
-for scale in llama7b_b8; do
-  timeout 150 $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
-    --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error" ; echo "$scale recompute rc=$?"
-done
 fi
 if want compiled; then
 echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
@@ -94,6 +90,14 @@ row = {'job': sys.argv[1], 'date': datetime.datetime.now(datetime.timezone.utc).
        'train_wall_s': m.get('train_wall_s'), 'final_loss': m.get('final_loss')}
 print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$v" "$OUT/train.jsonl" || tail -3 /tmp/reft_lab_job.log
   grep -h "prefix cache" /tmp/reft_lab_job.log
+done
+fi
+
+if want recompute; then
+echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
+for scale in llama7b_b8; do
+  timeout 150 $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
+    --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error" ; echo "$scale recompute rc=$?"
 done
 fi
 
