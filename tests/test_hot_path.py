@@ -230,41 +230,44 @@ def test_bench_ratios_of_medians_and_paired_per_round():
     assert paired == {"reft_lab_loreft/pyreft_loreft_step": 0.5}  # rounds: 0.5, 1.2, 0.5
 
 
-def test_chunked_cross_entropy_equals_one_chunk(tiny, monkeypatch):
-    import reft_lab.training.loss as loss_module
-
-    batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)
-    tuned = _fresh(tiny, {"name": "loreft", "layers": [1]})
-    whole = response_loss(tuned, batch)
-    monkeypatch.setattr(loss_module, "CE_CHUNK_ELEMENTS", 300)  # ~1 row of a 259-token vocabulary per chunk
-    chunked = response_loss(tuned, batch)
-    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
-
-
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("block,max_blocks", [(2**20, 32), (600, 32), (600, 3)], ids=["one-block", "2-rows-a-block", "3-blocks"])
-def test_bf16_logits_keep_no_fp32_log_probabilities_same_gradients(tiny, monkeypatch, block, max_blocks):
+def test_blocked_loss_keeps_no_log_probabilities_same_gradients(tiny, monkeypatch, dtype, block, max_blocks):
+    """The loss in blocks of rows equals autograd's plain cross-entropy over all rows: every gradient
+    bit for bit, the loss to float rounding; and no [N, V] fp32 log-probabilities stay for backward."""
     import reft_lab.training.loss as loss_module
 
     batch = collate_train(_examples([(7, 3), (9, 5), (4, 2)]), 0)  # 10 scored rows of 259 logits
     torch.manual_seed(0)
-    tuned = attach(tiny("llama", dtype="bfloat16").model, {"name": "loreft", "layers": [1]}).train()
-    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "BLOCK_ELEMENTS", block)
-    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "GPU_BLOCK_ELEMENTS", block)
-    monkeypatch.setattr(loss_module.LowPrecisionCrossEntropy, "MAX_BLOCKS", max_blocks)
+    tuned = attach(tiny("llama", dtype=dtype).model, {"name": "loreft", "layers": [1]}).train()
+    for name in ("BLOCK_ELEMENTS", "GPU_BLOCK_ELEMENTS"):
+        monkeypatch.setattr(loss_module.BlockedCrossEntropy, name, block)
+    monkeypatch.setattr(loss_module.BlockedCrossEntropy, "MAX_BLOCKS", max_blocks)
     vocab = tuned.base_model.config.vocab_size
+    expected_blocks = 1 if block == 2**20 else 5 if max_blocks == 32 else 3
+    assert len(loss_module.BlockedCrossEntropy._blocks(torch.empty(10, vocab))) == expected_blocks
 
-    def log_probs(t):
-        return t.dtype == torch.float32 and t.dim() == 2 and t.shape[-1] == vocab
+    def fp32_logit_matrices(t):
+        return t.dtype == torch.float32 and t.shape == (len(batch.targets), vocab)
 
-    loss, grads, saved = _step_saving(tuned, batch, log_probs)
-    monkeypatch.setattr(loss_module, "summed_cross_entropy",  # what autograd alone keeps
+    loss, grads, saved = _step_saving(tuned, batch, fp32_logit_matrices)
+    monkeypatch.setattr(loss_module.BlockedCrossEntropy, "apply",  # what autograd alone does
                         lambda logits, targets: F.cross_entropy(logits.float(), targets, reduction="sum"))
-    loss_plain, grads_plain, saved_plain = _step_saving(tuned, batch, log_probs)
+    loss_plain, grads_plain, saved_plain = _step_saving(tuned, batch, fp32_logit_matrices)
     torch.testing.assert_close(loss, loss_plain, rtol=1e-6, atol=0)  # block sums, added in another order
     assert all(torch.equal(grads[name], grad) for name, grad in grads_plain.items())
-    assert saved == 0 and saved_plain > 0
-    assert len(loss_module.LowPrecisionCrossEntropy._blocks(torch.empty(10, vocab))) == {2**20: 1, 600: 5, 3: 3}.get(
-        block if max_blocks == 32 else max_blocks)
+    # plain: the log-probabilities (log_softmax and nll_loss each save them); blocked: fp32 logits
+    # keep themselves instead (same bytes), bf16 logits keep no fp32 matrix at all
+    assert saved_plain == 2 and saved == (1 if dtype == "float32" else 0)
+
+
+def test_blocked_loss_of_no_scored_rows_is_zero():
+    from reft_lab.training.loss import BlockedCrossEntropy
+
+    logits = torch.randn(0, 7, requires_grad=True)
+    loss = BlockedCrossEntropy.apply(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad.shape == (0, 7)
 
 
 def test_length_grouped_batches_are_a_sorted_permutation():
@@ -438,7 +441,14 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
             layer.mlp.act_fn = torch.nn.GELU(approximate="tanh")
     nested = []
     grad = torch.autograd.grad
-    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: nested.append(1) or grad(*a, **k))
+
+    def counted_grad(*args, **kwargs):  # the MLP's nested calls differentiate act(gate): [..., intermediate]
+        outputs = args[0] if args else kwargs["outputs"]
+        output = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+        nested.append(output.shape[-1] if output.dim() else None)  # the loss's own calls: scalars
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counted_grad)
 
     activation = (*batch.input_ids.shape, tuned.base_model.config.intermediate_size)  # [B, T, intermediate]
 
@@ -453,7 +463,8 @@ def test_lean_gated_mlps_same_losses_and_gradients_less_saved_memory(tiny, metho
     assert torch.equal(loss_lean, loss_plain)
     assert all(torch.equal(grads_lean[name], grad) for name, grad in grads_plain.items())
     assert (saved_plain, saved_lean) == saved
-    assert len(nested) == (0 if act == "silu" else saved[1] // 2)  # a nested autograd call per MLP with a gradient
+    intermediate = tuned.base_model.config.intermediate_size
+    assert nested.count(intermediate) == (0 if act == "silu" else saved[1] // 2)  # a nested autograd call per MLP with a gradient
 
 
 @pytest.mark.parametrize("method", [

@@ -8,17 +8,16 @@ import torch.nn.functional as F
 from reft_lab.data.batching import TrainBatch
 from reft_lab.models.head import logits_at
 
-CE_CHUNK_ELEMENTS = 2**24  # logits upcast to fp32 per chunk of rows: bounded memory for large vocabularies
 
-
-class LowPrecisionCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of bf16/fp16 logits, computed in fp32 over row blocks of about
-    ``BLOCK_ELEMENTS`` logits (``GPU_BLOCK_ELEMENTS`` off the CPU; at most ``MAX_BLOCKS`` blocks). Autograd would keep the fp32
-    log-probabilities for backward (4 bytes a logit: at a 128K vocabulary, 0.5 GB per thousand scored
-    tokens) and build the gradient of a whole chunk at once (three more fp32 copies); this keeps the
-    logits themselves (2 bytes) and, in backward, recomputes each block's log-probabilities and
-    differentiates them by autograd's own formulas: each logit's gradient is bit-identical (the loss,
-    a sum of block sums, may differ from one sum in its last bit)."""
+class BlockedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of [N, V] logits, computed in fp32 one block of rows at a time (about
+    ``BLOCK_ELEMENTS`` logits, ``GPU_BLOCK_ELEMENTS`` off the CPU; at most ``MAX_BLOCKS`` blocks), so
+    no fp32 copy of a large-vocabulary logit matrix exists at once. Autograd would keep every row's
+    fp32 log-probabilities for backward (4 bytes a logit: at a 128K vocabulary, 0.5 GB per thousand
+    scored tokens) and build the gradient of the whole matrix at once (three more fp32 copies). This
+    keeps the logits themselves (2 bytes a logit in bf16) and, in backward, recomputes each block's
+    log-probabilities and differentiates them by autograd's own formulas: each logit's gradient is
+    bit-identical (the loss, a sum of block sums, may differ from one sum in its last bit)."""
 
     BLOCK_ELEMENTS = 2**20  # 4 MiB per fp32 copy of a block: a small transient...
     GPU_BLOCK_ELEMENTS = 2**22  # ...but on a GPU each block costs a dozen kernel launches: 4× fewer blocks
@@ -27,22 +26,22 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
     @staticmethod
     def _blocks(logits: torch.Tensor):
         n, vocab = logits.shape
-        cls = LowPrecisionCrossEntropy
+        cls = BlockedCrossEntropy
         block = cls.BLOCK_ELEMENTS if logits.device.type == "cpu" else cls.GPU_BLOCK_ELEMENTS
         rows = max(1, block // vocab, -(-n // cls.MAX_BLOCKS))
-        return [slice(i, i + rows) for i in range(0, logits.shape[0], rows)]
+        return [slice(i, i + rows) for i in range(0, n, rows)]
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, targets)
-        return sum(F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
-                   for rows in LowPrecisionCrossEntropy._blocks(logits))
+        return sum((F.cross_entropy(logits[rows].float(), targets[rows], reduction="sum")
+                    for rows in BlockedCrossEntropy._blocks(logits)), logits.new_zeros((), dtype=torch.float32))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets = ctx.saved_tensors
         grad_logits = torch.empty_like(logits)
-        for rows in LowPrecisionCrossEntropy._blocks(logits):
+        for rows in BlockedCrossEntropy._blocks(logits):
             with torch.enable_grad():
                 leaf = logits[rows].detach().requires_grad_()
                 loss = F.cross_entropy(leaf.float(), targets[rows], reduction="sum")
@@ -50,22 +49,11 @@ class LowPrecisionCrossEntropy(torch.autograd.Function):
         return grad_logits, None
 
 
-def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ cross-entropy of [N, V] logits, in fp32 without a full fp32 copy of them at once: bf16/fp16
-    logits (with a gradient) through ``LowPrecisionCrossEntropy``; others over row chunks of
-    ``CE_CHUNK_ELEMENTS``."""
-    if logits.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled() and len(targets):
-        return LowPrecisionCrossEntropy.apply(logits, targets)
-    rows = max(1, CE_CHUNK_ELEMENTS // logits.shape[-1])
-    return sum(F.cross_entropy(logits[i: i + rows].float(), targets[i: i + rows], reduction="sum")
-               for i in range(0, len(targets), rows))
-
-
 def response_loss(tuned: torch.nn.Module, batch: TrainBatch) -> torch.Tensor:
     """Mean cross-entropy over response tokens. The LM head runs only on the positions whose next
     token is supervised (``logits_at``: one contiguous [N, d] matmul, no logits for prompt or
-    padding), and ``summed_cross_entropy`` makes no full fp32 copy of a large-vocabulary logit tensor."""
+    padding), and ``BlockedCrossEntropy`` keeps no fp32 copy of a large-vocabulary logit matrix."""
     with logits_at(tuned, batch.scored):
         logits = tuned(batch.input_ids, attention_mask=batch.attention_mask, prompt_lengths=batch.prompt_lengths,
                        position_ids=batch.position_ids, use_cache=False).logits  # [N, V]
-    return summed_cross_entropy(logits, batch.targets) / max(len(batch.targets), 1)
+    return BlockedCrossEntropy.apply(logits, batch.targets) / max(len(batch.targets), 1)
