@@ -270,6 +270,19 @@ def test_blocked_loss_of_no_scored_rows_is_zero():
     assert loss.item() == 0.0 and logits.grad.shape == (0, 7)
 
 
+def test_loss_benchmark_prints_both_losses_for_both_dtypes(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("loss_blocks", Path(__file__).parents[1] / "experiments" / "bench" / "loss_blocks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--rows", "4", "--vocab", "10", "--rounds", "1", "--device", DEVICE]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["float32", "bfloat16"]
+    assert all("plain" in line and "blocked" in line for line in lines)
+
+
 def test_length_grouped_batches_are_a_sorted_permutation():
     from reft_lab.training import BatchStream
 
