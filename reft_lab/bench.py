@@ -80,7 +80,7 @@ def _model(name: str):
         return model.to(torch.bfloat16 if BF16_BASE["on"] else torch.float32).eval()
     from reft_lab.models import ModelConfig, load_model
 
-    return load_model(ModelConfig(name_or_path=name, device=device)).model
+    return load_model(ModelConfig(name_or_path=name, device=device, dtype="float32")).model  # config A is fp32 on any device
 
 
 def set_scale(name: str, bf16_base: bool = False) -> str:

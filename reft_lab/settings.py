@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from omegaconf import DictConfig
@@ -67,6 +67,9 @@ class RunSettings:
                 problems.append(str(err))
         if problems:
             raise ConfigError("\n".join(problems))
+        # model.dtype=auto decided here, for this machine: fingerprints and skips compare the dtype the
+        # numbers come from (an fp32 job's record reads float32 as before the option came)
+        sections["model"] = replace(sections["model"], dtype=sections["model"].resolved_dtype())
         return cls(**sections, seed=seed, optimized_metric=metric)
 
     def preflight(self) -> None:
@@ -81,7 +84,7 @@ class RunSettings:
                 attach(AutoModelForCausalLM.from_config(config), self.method)
         device = self.model.resolved_device()
         if device.type != "meta":
-            self.method.check_device(device, self.model.torch_dtype, getattr(config, "hidden_size", 0))
+            self.method.check_device(device, self.model.torch_dtype(device), getattr(config, "hidden_size", 0))
         if self.trainer.cuda_graphs and device.type != "cuda":
             raise config_error("trainer.cuda_graphs", True, f"false with the model on {device.type} (CUDA graphs need CUDA)")
 

@@ -165,8 +165,9 @@ def job(cfg: DictConfig) -> float:
             settings.preflight()
         if main_process:
             _record_config(cfg, out)
-        metrics = run_job(settings, OmegaConf.to_container(cfg, resolve=True), out,
-                          Path(hc.sweep.dir).name if multirun else "single")
+        config = OmegaConf.to_container(cfg, resolve=True)
+        config["model"]["dtype"] = settings.model.dtype  # model.dtype=auto as decided here: the record says what ran
+        metrics = run_job(settings, config, out, Path(hc.sweep.dir).name if multirun else "single")
     except Exception as err:  # noqa: BLE001  (every failure is recorded; bugs re-raise in give_up)
         return give_up(err)
     if metrics is None:  # a non-main torchrun process: rank 0 reports

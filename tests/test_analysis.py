@@ -43,6 +43,7 @@ def test_scaling_by_one_reproduces_the_jobs_own_evaluation(jobs):
     assert main(["analyze", "intruders", str(jobs / "lora"), "--epsilon", "1", "--scale", "1"]) == 0
     result = json.loads((jobs / "lora" / "intruders.json").read_text())
     metrics = read_metrics(jobs / "lora" / "metrics.json")
+    assert metrics["config"]["model"]["dtype"] == "float32"  # model.dtype=auto as decided where it ran: the reload's base
     assert result["matrices"] == 2 * 4  # q_proj and v_proj (peft's default) in each of 4 layers
     assert result["intruders"] > 0 and result["scale"]["evaluated"]
     after = result["scale"]["after"]

@@ -42,6 +42,36 @@ def test_bad_model_configs_name_the_key(fields, key):
         load_model(ModelConfig(**fields))
 
 
+def test_auto_dtype_is_bf16_on_cuda_only_and_decided_before_the_run(monkeypatch):
+    """model.dtype=auto (the default): a bf16 base on CUDA, fp32 on a CPU and on meta. RunSettings
+    records the decided dtype, so a CPU job's fingerprint is the one an explicit float32 gives (its
+    checkpoints and finished results stay valid); CUDA faked, the job's base is bf16 for every
+    method, and full fine-tuning trains an fp32 copy of it."""
+    from reft_lab.config import compose
+    from reft_lab.methods import method_config
+    from reft_lab.settings import RunSettings, config_fingerprint
+
+    auto = ModelConfig()
+    assert auto.dtype == "auto"
+    assert [auto.resolved_dtype(torch.device(d)) for d in ("cuda", "cpu", "meta")] == ["bfloat16", "float32", "float32"]
+    assert ModelConfig(dtype="float16").resolved_dtype(torch.device("cuda")) == "float16"
+    assert load_model(ModelConfig(name_or_path="tiny:llama", device="cpu")).model.dtype == torch.float32
+    assert load_model(ModelConfig(name_or_path="tiny:llama", device="meta")).model.dtype == torch.float32
+
+    def settings(*overrides):
+        return RunSettings.from_cfg(compose(["model=tiny", *overrides]))
+
+    default, explicit = settings("model.device=cpu"), settings("model.device=cpu", "model.dtype=float32")
+    assert default.model.dtype == "float32" and config_fingerprint(default) == config_fingerprint(explicit)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for method in ("loreft", "lora", "full"):
+        on_cuda = settings("model.device=auto", f"method={method}")
+        assert on_cuda.model.dtype == "bfloat16" and on_cuda.model.torch_dtype() == torch.bfloat16
+    assert method_config({"name": "full"}).base_dtype_attached(torch.bfloat16) == torch.float32
+    assert settings("model.device=auto", "model.dtype=float32").model.dtype == "float32"
+    assert config_fingerprint(settings("model.device=auto")) != config_fingerprint(default)
+
+
 def test_config_only_directory_keeps_real_json(tmp_path):
     (tmp_path / "config.json").write_text("{broken")
     with pytest.raises(Exception, match="config.json|model.name_or_path"):

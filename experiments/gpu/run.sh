@@ -68,7 +68,7 @@ done
 fi
 
 if want train; then
-echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; both on a bf16 base"
+echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; the default bf16 base (model.dtype=auto), and both on an fp32 one"
 model=$PWD/.gpu/smol
 [ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
 rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinja $rnd/ 2>/dev/null
@@ -77,7 +77,7 @@ import torch; from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('$rnd')).save_pretrained('$rnd')" > /dev/null 2>&1
 for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
          "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
-         "method=lora model.dtype=bfloat16" "method=loreft method.layers=[6,12,18,24] model.dtype=bfloat16" \
+         "method=lora model.dtype=float32" "method=loreft method.layers=[6,12,18,24] model.dtype=float32" \
          "method=loreft method.layers=[6,12,18,24] trainer.compile=true" \
          "method=loreft method.layers=[6,12,18,24] trainer.compile=true trainer.cuda_graphs=true"; do
   rm -rf /tmp/reft_lab_job

