@@ -45,6 +45,16 @@ def test_training_jobs_are_valid_runs_on_cuda(monkeypatch, tmp_path):
         RunSettings.from_cfg(compose([o for o in overrides if not o.startswith("hydra.")])).preflight()
 
 
+def test_sections_and_test_files_exist():
+    """Each section the script lists has its function, and the test files it names exist."""
+    listed = re.search(r'^ALL="([^"]+)"', SCRIPT, re.M)
+    assert listed, "the script's list of sections was not found"
+    assert {f"section_{s}" for s in listed.group(1).split()} == set(re.findall(r"^(section_[\w-]+)\(\)", SCRIPT, re.M))
+    named = set(re.findall(r"tests/test_\w+\.py", SCRIPT))
+    root = SCRIPT_DIR.parents[1]
+    assert len(named) >= 5 and all((root / f).exists() for f in named), sorted(named)
+
+
 def _goals_module():
     import importlib.util
 

@@ -1,11 +1,20 @@
 #!/bin/bash
-# The GPU check: `make gpu-check` (or `bash experiments/gpu/run.sh [OUTDIR [SECTION ...]]`) on a CUDA
-# machine, from the project root. No network needed. About 8 minutes on an H100 before the compiled
-# section and the compiled training jobs were added (their cold compiles are not yet timed).
-# SECTIONs (default: all, in this order): tests kernels bench compiled train recompute. A device lent
-# for calls of at most 10 minutes runs them as two calls: `tests kernels bench`, then `compiled train
-# recompute`
-# (later calls append to the same OUTDIR's CSV/JSONL).
+# The GPU check: `make gpu-check` (or `[BUDGET_S=N] bash experiments/gpu/run.sh [OUTDIR [SECTION ...]]`)
+# on a CUDA machine, from the project root. No network needed. All of it took about 8 minutes on an
+# H100 before the compiled section, the compiled training jobs and the recompute section were added.
+# SECTIONs run in the order given (default: tests kernels bench compiled train recompute):
+#   tests       the whole test suite on the GPU (5.5 min on the H100 with 8 workers)
+#   tests-cuda  only the test files that build models and tensors on the device under test
+#   kernels     the fused kernel against eager and pyreft, the batched factors, registers and spills
+#   bench       one training step at four scales, each provider alone (floor and MFU included)
+#   compiled    compiled blocks, and replayed as CUDA graphs, at config A and 1B
+#   train       short real `reft-lab train` jobs, the goal comparisons first
+#   recompute   the opt-in MLP recompute at the 7B shape
+# BUDGET_S (seconds, optional) bounds the whole call: each command's timeout is cut to what is left
+# (20 s kept for the goals table), and a command that would get under its minimum is skipped with a
+# line saying so. For a lease of 15 minutes of device time, one call of
+# `BUDGET_S=500 bash experiments/gpu/run.sh $OUT bench train kernels tests-cuda compiled recompute`
+# gets the goals' figures first (later calls append to the same OUTDIR's CSV/JSONL).
 #
 # Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
 # pytest-timeout, and the project's other packages. A machine without them takes wheels made
@@ -22,12 +31,24 @@ set -uo pipefail
 OUT=${1:-experiments/gpu/latest}; mkdir -p "$OUT/bench"
 SECTIONS=(tests kernels bench compiled train recompute)
 [ $# -gt 1 ] && SECTIONS=("${@:2}")
+ALL="tests tests-cuda kernels bench compiled train recompute"
 for s in "${SECTIONS[@]}"; do
-  case $s in tests|kernels|bench|compiled|train|recompute) ;; *) echo "run.sh: unknown section '$s' (tests kernels bench compiled train recompute)"; exit 2;; esac
+  [[ " $ALL " == *" $s "* ]] || { echo "run.sh: unknown section '$s' ($ALL)"; exit 2; }
 done
-want() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
-exec > >(tee -a "$OUT/run.log") 2>&1
-echo "== sections: ${SECTIONS[*]} ($(date -u +%FT%TZ))"
+[[ "${BUDGET_S:-}" =~ ^[0-9]*$ ]] || { echo "run.sh: BUDGET_S='$BUDGET_S' is not a number of seconds"; exit 2; }
+# bounded LIMIT MIN LABEL CMD...: CMD under `timeout LIMIT`, cut to the budget left (20 s kept for the
+# goals table); skipped, with a line on the console, when that leaves under MIN seconds (status 99)
+bounded() {
+  local limit=$1 min=$2 label=$3; shift 3
+  if [ -n "${BUDGET_S:-}" ]; then
+    local left=$((BUDGET_S - SECONDS - 20))
+    ((left < limit)) && limit=$left
+    if ((limit < min)); then echo "$label: skipped: ${left} s of BUDGET_S=$BUDGET_S usable, needs $min" >&3; return 99; fi
+  fi
+  timeout "$limit" "$@"
+}
+exec > >(tee -a "$OUT/run.log") 2>&1 3>&1  # 3: the console, for lines of commands whose output goes to a file
+echo "== sections: ${SECTIONS[*]} ($(date -u +%FT%TZ))${BUDGET_S:+, budget $BUDGET_S s}"
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2  # 8 test workers × 2 threads
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -37,69 +58,92 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || { echo "no CUDA device"; exit 2; }
 $PY -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
-if want tests; then
-echo "== CUDA tests (wandb's own test needs the wandb package: left out when it is missing)"
-sel=$($PY -c "import wandb" 2>/dev/null && echo "" || echo "not wandb")
-timeout 420 $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 400 --durations 8 -m "not slow" ${sel:+-k "$sel"} tests > "$OUT/pytest_cuda.log" 2>&1
-echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest_cuda.log" | tail -30
-fi
+pytest_on() {  # LABEL LIMIT FILES...: the suite (or those files) on the GPU, wandb's own test left out without wandb
+  local label=$1 limit=$2; shift 2
+  local sel; sel=$($PY -c "import wandb" 2>/dev/null && echo "" || echo "not wandb")
+  bounded "$limit" 90 "$label" $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 400 --durations 8 -m "not slow" ${sel:+-k "$sel"} "$@" \
+    > "$OUT/pytest_cuda.log" 2>&1
+  echo "pytest rc=$?"; grep -E "^(FAILED|ERROR)|passed|failed|s call" "$OUT/pytest_cuda.log" | tail -30
+}
 
-if want kernels; then
-echo "== fused kernel vs eager vs pyreft"
-timeout 150 $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
-timeout 60 $PY experiments/kernels/bench_factors.py --device cuda --out "$OUT/factors.csv"; echo "factors rc=$?"
-timeout 90 $PY experiments/kernels/kernel_resources.py --widths 576 2048 4096 --ranks 4 16 --label "this machine's Triton" \
-  --out "$OUT/kernel_resources.csv" > "$OUT/kernel_resources.log" 2>&1; echo "kernel resources rc=$?"
-fi
+section_tests() {
+  echo "== CUDA tests, the whole suite"
+  pytest_on tests 420 tests
+}
 
-if want bench; then
-echo "== one training step at four scales (each provider alone)"
-for scale in smol_A smol_b32 llama1b_b16 llama7b_b8; do
-  timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
-    --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error" ; echo "$scale rc=$?"
-done
-fi
-if want compiled; then
-echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
-for scale in smol_A llama1b_b16; do
-  timeout 200 $PY -m reft_lab.cli bench --scale "$scale" --warmup 4 --steps 10 --out "$OUT/bench" \
-    --providers reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor 2>&1 | grep -E "median|Error|error" ; echo "$scale compiled rc=$?"
-done
-fi
+section_tests-cuda() {
+  echo "== CUDA tests: the files that build models and tensors on the device under test"
+  pytest_on tests-cuda 240 tests/test_kernels.py tests/test_hot_path.py tests/test_methods.py tests/test_interventions.py \
+    tests/test_models.py tests/test_pyreft_parity.py tests/test_positions.py
+}
 
-if want train; then
-echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoReFT with and without the prefix cache, LoRA; the default bf16 base (model.dtype=auto), and both on an fp32 one"
-model=$PWD/.gpu/smol
-[ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
-rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinja $rnd/ 2>/dev/null
-$PY -c "
+section_kernels() {
+  echo "== fused kernel vs eager vs pyreft"
+  bounded 150 60 kernels $PY experiments/kernels/bench_kernels.py --out "$OUT/kernels.csv" > "$OUT/kernels.log" 2>&1; echo "kernels rc=$?"
+  bounded 60 30 factors $PY experiments/kernels/bench_factors.py --device cuda --out "$OUT/factors.csv"; echo "factors rc=$?"
+  bounded 90 30 "kernel resources" $PY experiments/kernels/kernel_resources.py --widths 576 2048 4096 --ranks 4 16 \
+    --label "this machine's Triton" --out "$OUT/kernel_resources.csv" > "$OUT/kernel_resources.log" 2>&1; echo "kernel resources rc=$?"
+}
+
+section_bench() {
+  echo "== one training step at four scales (each provider alone)"
+  for scale in smol_A smol_b32 llama1b_b16; do
+    bounded 200 60 "$scale" $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
+      --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error|skipped"
+    echo "$scale rc=${PIPESTATUS[0]}"
+  done
+  for scale in llama7b_b8; do  # 7B: fewer steps, no eager edit (the same step within 1% on the H100)
+    bounded 200 90 "$scale" $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
+      --providers reft_lab_loreft pyreft_loreft peft_lora floor 2>&1 | grep -E "median|Error|error|skipped"
+    echo "$scale rc=${PIPESTATUS[0]}"
+  done
+}
+
+section_compiled() {
+  echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
+  for scale in smol_A llama1b_b16; do
+    bounded 200 90 "$scale compiled" $PY -m reft_lab.cli bench --scale "$scale" --warmup 4 --steps 10 --out "$OUT/bench" \
+      --providers reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor 2>&1 | grep -E "median|Error|error|skipped"
+    echo "$scale compiled rc=${PIPESTATUS[0]}"
+  done
+}
+
+section_train() {
+  echo "== short real training jobs (random SmolLM2 weights, its tokenizer): LoRA and LoReFT on the default bf16 base (model.dtype=auto) first, then an fp32 base, then compiled"
+  local model=$PWD/.gpu/smol
+  [ -f "$model/config.json" ] || model=${REFT_LAB_CACHE:-$HOME/.cache/reft_lab}/models/smollm2-135m-instruct
+  local rnd=/tmp/reft_lab_random_smol; mkdir -p $rnd; cp "$model"/*.json "$model"/*.jinja $rnd/ 2>/dev/null
+  $PY -c "
 import torch; from transformers import AutoConfig, AutoModelForCausalLM
 torch.manual_seed(0); AutoModelForCausalLM.from_config(AutoConfig.from_pretrained('$rnd')).save_pretrained('$rnd')" > /dev/null 2>&1
-for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
-         "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
-         "method=lora model.dtype=float32" "method=loreft method.layers=[6,12,18,24] model.dtype=float32" \
-         "method=loreft method.layers=[6,12,18,24] trainer.compile=true" \
-         "method=loreft method.layers=[6,12,18,24] trainer.compile=true trainer.cuda_graphs=true"; do
-  rm -rf /tmp/reft_lab_job
-  timeout 150 $PY -m reft_lab.cli train model=hf model.name_or_path=$rnd logger=none trainer.max_steps=60 task.train_size=64 \
-    task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \
-    > /tmp/reft_lab_job.log 2>&1
-  $PY -c "
+  for v in "method=lora" "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=true" "method=loreft" \
+           "method=loreft method.layers=[6,12,18,24] trainer.prefix_cache=false" \
+           "method=lora model.dtype=float32" "method=loreft method.layers=[6,12,18,24] model.dtype=float32" \
+           "method=loreft method.layers=[6,12,18,24] trainer.compile=true" \
+           "method=loreft method.layers=[6,12,18,24] trainer.compile=true trainer.cuda_graphs=true"; do
+    rm -rf /tmp/reft_lab_job
+    bounded 150 60 "train $v" $PY -m reft_lab.cli train model=hf model.name_or_path=$rnd logger=none trainer.max_steps=60 task.train_size=64 \
+      task.test_size=8 retention.knowledge_probe=8 retention.kl_prompts=4 retention.leakage_prompts=4 $v hydra.run.dir=/tmp/reft_lab_job \
+      > /tmp/reft_lab_job.log 2>&1
+    [ $? -eq 99 ] && { cat /tmp/reft_lab_job.log; continue; }
+    $PY -c "
 import json, sys, datetime; m = json.load(open('/tmp/reft_lab_job/metrics.json'))
 row = {'job': sys.argv[1], 'date': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'status': m['status'], 'tokens_per_s': m.get('tokens_per_s'), 'first_step_s': m.get('first_step_s'),
        'train_wall_s': m.get('train_wall_s'), 'final_loss': m.get('final_loss')}
 print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$v" "$OUT/train.jsonl" || tail -3 /tmp/reft_lab_job.log
-  grep -h "prefix cache" /tmp/reft_lab_job.log
-done
-fi
+    grep -h "prefix cache" /tmp/reft_lab_job.log
+  done
+}
 
-if want recompute; then
-echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
-for scale in llama7b_b8; do
-  timeout 150 $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
-    --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error" ; echo "$scale recompute rc=$?"
-done
-fi
+section_recompute() {
+  echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
+  for scale in llama7b_b8; do
+    bounded 150 90 "$scale recompute" $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
+      --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error|skipped"
+    echo "$scale recompute rc=${PIPESTATUS[0]}"
+  done
+}
 
-echo "== the GPU issue's goals, from everything in $OUT so far"
+for s in "${SECTIONS[@]}"; do "section_$s"; done
+echo "== the GPU issue's goals, from everything in $OUT so far ($SECONDS s)"
 $PY experiments/gpu/goals.py "$OUT" | tee "$OUT/goals.md"
