@@ -17,8 +17,8 @@ SCRIPT = (SCRIPT_DIR / "run.sh").read_text()
 
 
 def test_bench_calls_name_existing_scales_and_providers():
-    calls = re.findall(r"for scale in ([^;]+);.*?--providers ([^2|]+?) 2>", SCRIPT, re.S)
-    assert len(calls) >= 2, "the script's bench loops were not found"
+    calls = re.findall(r"for scale in ([^;]+); do\s+bench_at \S+ \"[^\"]+\" \d+ \d+ \d+ ([^;\n]+)", SCRIPT)
+    assert len(calls) >= 4, "the script's bench loops were not found"
     for scales, providers in calls:
         assert set(scales.split()) <= set(bench.SCALES), scales
         assert set(providers.split()) <= set(bench.PROVIDERS), providers

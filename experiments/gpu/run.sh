@@ -85,26 +85,26 @@ section_kernels() {
     --label "this machine's Triton" --out "$OUT/kernel_resources.csv" > "$OUT/kernel_resources.log" 2>&1; echo "kernel resources rc=$?"
 }
 
+bench_at() {  # SCALE LABEL MIN WARMUP STEPS PROVIDERS...: one `reft-lab bench` call, its median lines
+  local scale=$1 label=$2 min=$3 warmup=$4 steps=$5; shift 5
+  bounded 200 "$min" "$label" $PY -m reft_lab.cli bench --scale "$scale" --warmup "$warmup" --steps "$steps" --out "$OUT/bench" \
+    --providers "$@" 2>&1 | grep -E "median|Error|error|skipped"
+  echo "$label rc=${PIPESTATUS[0]}"
+}
+
 section_bench() {
   echo "== one training step at four scales (each provider alone)"
   for scale in smol_A smol_b32 llama1b_b16; do
-    bounded 200 60 "$scale" $PY -m reft_lab.cli bench --scale "$scale" --warmup 3 --steps 10 --out "$OUT/bench" \
-      --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor 2>&1 | grep -E "median|Error|error|skipped"
-    echo "$scale rc=${PIPESTATUS[0]}"
+    bench_at "$scale" "$scale" 60 3 10 reft_lab_loreft reft_lab_loreft_eager pyreft_loreft peft_lora reft_lab_lora floor
   done
-  for scale in llama7b_b8; do  # 7B: fewer steps, no eager edit (the same step within 1% on the H100)
-    bounded 200 90 "$scale" $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
-      --providers reft_lab_loreft pyreft_loreft peft_lora floor 2>&1 | grep -E "median|Error|error|skipped"
-    echo "$scale rc=${PIPESTATUS[0]}"
-  done
+  # 7B: fewer steps, no eager edit (the same step within 1% on the H100)
+  for scale in llama7b_b8; do bench_at "$scale" "$scale" 90 2 6 reft_lab_loreft pyreft_loreft peft_lora floor; done
 }
 
 section_compiled() {
   echo "== compiled blocks, and replayed as CUDA graphs (trainer.compile, trainer.cuda_graphs): launch-bound config A, and 1B"
   for scale in smol_A llama1b_b16; do
-    bounded 200 90 "$scale compiled" $PY -m reft_lab.cli bench --scale "$scale" --warmup 4 --steps 10 --out "$OUT/bench" \
-      --providers reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor 2>&1 | grep -E "median|Error|error|skipped"
-    echo "$scale compiled rc=${PIPESTATUS[0]}"
+    bench_at "$scale" "$scale compiled" 90 4 10 reft_lab_loreft reft_lab_loreft_compiled reft_lab_loreft_graphs floor
   done
 }
 
@@ -137,11 +137,7 @@ print(json.dumps(row)); open(sys.argv[2], 'a').write(json.dumps(row) + '\n')" "$
 
 section_recompute() {
   echo "== the opt-in MLP recompute (trainer.recompute_mlp) at the 7B shape: its memory and step"
-  for scale in llama7b_b8; do
-    bounded 150 90 "$scale recompute" $PY -m reft_lab.cli bench --scale "$scale" --warmup 2 --steps 6 --out "$OUT/bench" \
-      --providers reft_lab_loreft_recompute 2>&1 | grep -E "median|Error|error|skipped"
-    echo "$scale recompute rc=${PIPESTATUS[0]}"
-  done
+  for scale in llama7b_b8; do bench_at "$scale" "$scale recompute" 90 2 6 reft_lab_loreft_recompute; done
 }
 
 for s in "${SECTIONS[@]}"; do "section_$s"; done
