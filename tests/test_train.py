@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from reft_lab.cli import main
 from reft_lab.config import compose
@@ -115,8 +116,12 @@ def test_every_experiment_smoke_runs(tmp_path):
     assert len(jobs) == len(experiments) and all(m["status"] == "ok" for m in jobs)
 
 
-# 3 steps of tiny:llama, fp32, seed 0, LoReFT defaults on json_answer (trainer=smoke).
+# 3 steps of tiny:llama, fp32, seed 0, LoReFT defaults on json_answer (trainer=smoke), recorded with
+# torch 2.13 (2.11 gives the same to 1e-5). Another torch's CPU kernels round differently: on the
+# floor (2.6) LoRA's second loss moved by 6e-5 of itself (AdamW's first step divides gradients near
+# its eps), so other versions are held to 1e-4.
 GOLDEN_LOSSES = {"loreft": [5.631548, 5.612919, 5.615304], "lora": [5.642498, 5.622988, 5.623750]}
+GOLDEN_TOLERANCE = 1e-5 if torch.__version__.split(".")[:2] in (["2", "13"], ["2", "11"]) else 1e-4
 
 
 @pytest.mark.floor
@@ -138,7 +143,7 @@ def test_golden_losses(method):
     record = Record()
     train(tuned, encode_examples(encoder, task.train), settings.trainer, lr=settings.lr, seed=settings.seed,
           pad_id=encoder.pad_id, logger=record)
-    assert record.losses == pytest.approx(GOLDEN_LOSSES[method], rel=1e-5, abs=1e-6)
+    assert record.losses == pytest.approx(GOLDEN_LOSSES[method], rel=GOLDEN_TOLERANCE, abs=1e-6)
 
 
 def test_wandb_offline_writes_one_run_per_job(tmp_path, monkeypatch):

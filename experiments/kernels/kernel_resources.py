@@ -57,11 +57,18 @@ def launch(n_rows: int, d: int, per_row_adapter: bool) -> tuple[int, int, int]:
 
 def resources(fn, signature: dict, constexprs: dict, warps: int, target: GPUTarget) -> tuple[int, int, float]:
     """(registers per thread, stack bytes per thread, compile seconds) of one kernel."""
-    try:
-        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    except TypeError:  # older Triton (3.0): constants apart, the other arguments' types by position
-        source = ASTSource(fn=fn, signature={i: t for i, t in enumerate(signature.values()) if t != "constexpr"},
-                           constants=constexprs)
+    typed = {name: t for name, t in signature.items() if t != "constexpr"}
+    forms = ({"signature": signature, "constexprs": constexprs},  # Triton ≥ 3.3
+             {"signature": typed, "constants": constexprs},  # 3.1–3.2: constants apart, by name
+             {"signature": dict(enumerate(typed.values())), "constants": constexprs})  # 3.0: by position
+    for form in forms:
+        try:
+            source = ASTSource(fn=fn, **form)
+            break
+        except TypeError:
+            continue
+    else:
+        raise RuntimeError(f"this Triton ({triton.__version__}) takes none of the ASTSource forms this script knows")
     start = time.perf_counter()
     compiled = triton.compile(source, target=target, options={"num_warps": warps})
     seconds = time.perf_counter() - start
