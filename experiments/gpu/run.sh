@@ -74,7 +74,8 @@ section_tests() {
 section_tests-cuda() {
   echo "== CUDA tests: the files that build models and tensors on the device under test"
   pytest_on tests-cuda 240 tests/test_kernels.py tests/test_hot_path.py tests/test_methods.py tests/test_interventions.py \
-    tests/test_models.py tests/test_pyreft_parity.py tests/test_positions.py
+    tests/test_models.py tests/test_pyreft_parity.py tests/test_positions.py tests/test_analysis.py \
+    tests/test_sweeps.py::test_one_job_on_two_processes_saves_once
 }
 
 section_kernels() {
