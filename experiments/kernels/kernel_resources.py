@@ -97,7 +97,7 @@ def main() -> int:
         forward = {"H": f"*{t}", "ROWS": "*i64", "VALID": "*i8", "SAVED": f"*{t}", "Z": "*fp32", "A": f"*{t}", "B": f"*{t}",
                    "BIAS": f"*{t}", "ADAPTER": "*i32", "n_rows": "i32", "d": "i32", "RANK": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "SAVE": "constexpr", "MULTI": "constexpr"}
-        backward = {"DY": f"*{t}", "DH": f"*{t}", "ROWS": "*i64", "VALID": "*i8", "U": "*fp32", "A": f"*{t}", "B": f"*{t}",
+        backward = {"DY": f"*{t}", "DH": f"*{t}", "DY_ROWS": "*fp32", "ROWS": "*i64", "VALID": "*i8", "U": "*fp32", "A": f"*{t}", "B": f"*{t}",
                     "n_rows": "i32", "d": "i32", "RANK": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
         for d in opts.widths:
             for rank in opts.ranks:
