@@ -13,8 +13,10 @@
 # BUDGET_S (seconds, optional) bounds the whole call: each command's timeout is cut to what is left
 # (20 s kept for the goals table), and a command that would get under its minimum is skipped with a
 # line saying so. For a lease of 15 minutes of device time, one call of
-# `BUDGET_S=500 bash experiments/gpu/run.sh $OUT bench train kernels tests-cuda compiled recompute`
-# gets the goals' figures first (later calls append to the same OUTDIR's CSV/JSONL).
+# `PACK=1 BUDGET_S=480 bash experiments/gpu/run.sh $OUT bench train kernels tests-cuda compiled recompute`
+# gets the goals' figures first (later calls append to the same OUTDIR's CSV/JSONL). PACK=1 leaves
+# OUTDIR as gpu-check.tar.gz (everything), goals.md and run.log; a later call on a fresh OUTDIR
+# continues from an earlier archive unpacked into it first (`tar xzf ARCHIVE -C OUTDIR`).
 #
 # Needs torch and Triton (any CUDA build pyproject allows), pytest with pytest-xdist and
 # pytest-timeout, and the project's other packages. A machine without them takes wheels made
@@ -144,3 +146,7 @@ section_recompute() {
 for s in "${SECTIONS[@]}"; do "section_$s"; done
 echo "== the GPU issue's goals, from everything in $OUT so far ($SECONDS s)"
 $PY experiments/gpu/goals.py "$OUT" | tee "$OUT/goals.md"
+if [ -n "${PACK:-}" ]; then  # one archive of everything (a transfer that takes back few files), goals.md beside it
+  tar czf /tmp/gpu-check.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name goals.md ! -name run.log -delete \
+    && mv /tmp/gpu-check.tar.gz "$OUT/" && echo "packed into $OUT/gpu-check.tar.gz"
+fi
