@@ -77,3 +77,34 @@ def test_goals_table_reads_the_archived_h100_check(capsys):
     kernel = next(v for k, v in rows.items() if k.startswith("fused fwd+bwd"))
     assert kernel == ("5% of copy bandwidth; 1.26× eager, 4.6× pyreft (worst of 6)", "no")
     assert goals.main([str(folder / "missing")]) == 2 and "holds no step benchmark" in capsys.readouterr().err
+
+
+def test_script_runs_within_a_budget_and_packs(tmp_path):
+    """The script's control flow on a machine without a GPU (nvidia-smi faked): with a budget too
+    small for anything, every command is skipped with a line, the goals table is still written, and
+    PACK=1 leaves the archive beside goals.md and run.log. Bad sections and budgets exit 2."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    bin_dir, work, out = tmp_path / "bin", tmp_path / "work", tmp_path / "out"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'Fake GPU, 1 MiB, 0'\n")
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    work.mkdir()
+    (work / "experiments").symlink_to(SCRIPT_DIR.parent)  # the script's own paths, without the checkout's wheels
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PY": sys.executable}
+
+    def run(*args, **extra):
+        return subprocess.run(["bash", str(SCRIPT_DIR / "run.sh"), str(out), *args], cwd=work, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+
+    done = run("bench", "recompute", BUDGET_S="30", PACK="1")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    skipped = [line for line in done.stdout.splitlines() if ": skipped: " in line]
+    assert len(skipped) == 5 and all("BUDGET_S=30" in line for line in skipped), done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["goals.md", "gpu-check.tar.gz", "run.log"]
+    with tarfile.open(out / "gpu-check.tar.gz") as archive:
+        assert "./run.log" in archive.getnames()
+    assert run("benchh").returncode == 2 and run("bench", BUDGET_S="9m").returncode == 2

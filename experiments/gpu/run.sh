@@ -147,6 +147,7 @@ for s in "${SECTIONS[@]}"; do "section_$s"; done
 echo "== the GPU issue's goals, from everything in $OUT so far ($SECONDS s)"
 $PY experiments/gpu/goals.py "$OUT" | tee "$OUT/goals.md"
 if [ -n "${PACK:-}" ]; then  # one archive of everything (a transfer that takes back few files), goals.md beside it
-  tar czf /tmp/gpu-check.tar.gz -C "$OUT" . && find "$OUT" -mindepth 1 ! -name goals.md ! -name run.log -delete \
-    && mv /tmp/gpu-check.tar.gz "$OUT/" && echo "packed into $OUT/gpu-check.tar.gz"
+  archive=$(mktemp -d)/gpu-check.tar.gz
+  tar czf "$archive" -C "$OUT" . && find "$OUT" -mindepth 1 ! -name goals.md ! -name run.log -delete \
+    && mv "$archive" "$OUT/" && echo "packed into $OUT/gpu-check.tar.gz"
 fi
