@@ -56,6 +56,27 @@ def test_two_job_multirun_and_report(tmp_path, capsys):
 
 
 @pytest.mark.floor
+def test_jobs_on_a_bf16_base_train_evaluate_and_keep_the_base(tmp_path):
+    """A CUDA job's default base (model.dtype=auto there), on the CPU: each method trains, is
+    evaluated and saved; the record says bfloat16; a frozen base keeps its fingerprint, and full
+    fine-tuning trains an fp32 copy (the adapter's tensors) of the same base."""
+    sweep = tmp_path / "bf16"
+    assert main(["train", "-m", "method=loreft,lora,full", "model.dtype=bfloat16", f"hydra.sweep.dir={sweep}",
+                 "logger=none", *SMALL]) == 0
+    jobs = {m["method"]: m for m in _metrics(sweep)}
+    assert sorted(jobs) == ["full", "lora", "loreft"]
+    for method, m in jobs.items():
+        assert validate(m) == [] and m["status"] == "ok" and m["steps"] == 3, (method, m.get("error"))
+        assert m["config"]["model"]["dtype"] == "bfloat16" and m["final_loss"] > 0
+        assert all(v is None or v["after"] is None or v["after"] == v["after"] for v in m["retention"].values())
+    assert len({m["base_fingerprint_before"] for m in jobs.values()}) == 1  # one base for every method
+    for method in ("loreft", "lora"):
+        assert jobs[method]["base_fingerprint_after"] == jobs[method]["base_fingerprint_before"]
+    saved = json.loads((Path(jobs["full"]["output_dir"]) / "adapter" / "reft_lab_adapter.json").read_text())
+    assert saved["base"]["dtype"] == "bfloat16" and saved["dtype"] == "float32"
+
+
+@pytest.mark.floor
 def test_evaluation_during_training_records_a_curve_and_leaves_the_result_alone(tmp_path):
     plain, curved = tmp_path / "plain", tmp_path / "curved"
     args = [*SMALL, "method=lora", "trainer.max_steps=4", "logger=none"]
