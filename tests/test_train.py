@@ -1,6 +1,7 @@
 """Training, multiruns, experiments, golden losses, loggers and the report (tiny models, CPU)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,8 @@ def test_jobs_on_a_bf16_base_train_evaluate_and_keep_the_base(tmp_path):
     for method, m in jobs.items():
         assert validate(m) == [] and m["status"] == "ok" and m["steps"] == 3, (method, m.get("error"))
         assert m["config"]["model"]["dtype"] == "bfloat16" and m["final_loss"] > 0
-        assert all(v is None or v["after"] is None or v["after"] == v["after"] for v in m["retention"].values())
+        measured = [v["after"] for v in m["retention"].values() if v["after"] is not None]  # None: nothing known on a random model
+        assert measured and all(math.isfinite(value) for value in measured), (method, m["retention"])
     assert len({m["base_fingerprint_before"] for m in jobs.values()}) == 1  # one base for every method
     for method in ("loreft", "lora"):
         assert jobs[method]["base_fingerprint_after"] == jobs[method]["base_fingerprint_before"]
@@ -138,9 +140,9 @@ def test_every_experiment_smoke_runs(tmp_path):
 
 
 # 3 steps of tiny:llama, fp32, seed 0, LoReFT defaults on json_answer (trainer=smoke), recorded with
-# torch 2.13 (2.11 gives the same to 1e-5). Another torch's CPU kernels round differently: on the
-# floor (2.6) LoRA's second loss moved by 6e-5 of itself (AdamW's first step divides gradients near
-# its eps), so other versions are held to 1e-4.
+# torch 2.13 (torch 2.11 matched them to 1e-5 on the H100 machine's CPU, 2026-11-23). Another torch's
+# CPU kernels round differently: on the floor (2.6) LoRA's second loss moved by 6e-5 of itself
+# (AdamW's first step divides gradients near its eps), so other versions are held to 1e-4.
 GOLDEN_LOSSES = {"loreft": [5.631548, 5.612919, 5.615304], "lora": [5.642498, 5.622988, 5.623750]}
 GOLDEN_TOLERANCE = 1e-5 if torch.__version__.split(".")[:2] in (["2", "13"], ["2", "11"]) else 1e-4
 
