@@ -42,7 +42,7 @@ test-floor: floor-dir
 
 # the oldest torch and Triton pyproject allows, in a venv of their own: the whole suite, then the
 # floor tests with the oldest transformers and peft too. Not part of `make test`: PyPI's torch for
-# Linux is a CUDA build, about 3 GB of wheels with its CUDA libraries (it runs on a CPU all the same).
+# Linux is a CUDA build with its CUDA libraries, a 6.2 GB venv (it runs on a CPU all the same).
 TORCH_FLOOR := torch==2.6.0 triton==3.2.0
 TORCH_FLOOR_VENV := $(VENV)/torch-floor
 test-torch-floor: floor-dir
