@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import DEVICE
 
-from reft_lab.interventions.edit import low_rank_edit
+from reft_lab.interventions.edit import edit_rows, low_rank_edit
 from reft_lab.kernels import MAX_RANK, FusedLowRankEdit, fused_low_rank_edit
+from reft_lab.kernels.low_rank_edit import hidden_gradient_parts
 
 TOLERANCES = [(torch.float32, 1e-5, 1e-5), (torch.bfloat16, 3e-2, 2e-2), (torch.float16, 5e-3, 5e-3)]
 # (batch, T, d, rank, index rows, valid rows): one row; both sequence edges with a padded slot;
@@ -289,6 +290,117 @@ def test_in_place_on_a_layer_output_keeps_gradients_exact():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
     for got, want in zip(torch.autograd.grad(out, (x, A, B, b), grad), torch.autograd.grad(ref, (x, A, B, b), grad)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _GradientProbe(torch.autograd.Function):
+    """Identity that records the gradient reaching it."""
+
+    seen: list[torch.Tensor] = []
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        _GradientProbe.seen.append(grad)
+        return grad
+
+
+class _DoubleSelectedRows(torch.autograd.Function):
+    """h[rows] *= 2 in place, its input gradient in the two parts the kernel's backward returns."""
+
+    @staticmethod
+    def forward(ctx, hidden, _hidden_again, coords):
+        hidden[coords[0], coords[1]] *= 2
+        ctx.mark_dirty(hidden)
+        ctx.save_for_backward(coords)
+        return hidden
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (coords,) = ctx.saved_tensors
+        return *hidden_gradient_parts(grad_out, coords, grad_out[coords[0], coords[1]]), None
+
+
+def _gradient_below(edit, shared: bool, dtype=torch.float32):
+    """A hidden state edited by ``edit(hidden, index, valid, A, B, b)``, then read as a layer reads
+    it: by a product and, when ``shared``, by an addition with another tensor that needs a gradient
+    (the addition hands both operands one gradient tensor). Returns the gradient that reaches the
+    hidden state below the edit, where in memory the gradient above it was (a reference kept here
+    would itself stop autograd from summing in place), the other operand's gradient (None when not
+    ``shared``) and the exact dL/dy."""
+    (x, A, B, b), index, valid = _inputs(SHAPES[1], dtype)
+    other = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype).requires_grad_()
+    above = []
+    _GradientProbe.seen.clear()
+    out = edit(_GradientProbe.apply(x), index, valid, A, B, b)
+    out.register_hook(lambda grad: above.append(grad.data_ptr()))
+    y = out + other if shared else out * 3.0
+    _, go = torch.autograd.grad((y * y).sum(), (x, other), allow_unused=True)
+    return _GradientProbe.seen[0], above[0], go, 2 * y.detach()
+
+
+def test_autograd_sums_the_two_gradient_parts_in_place_unless_the_gradient_is_shared():
+    """The rule the kernel's backward relies on, with a plain-torch edit: the gradient below the edit
+    is the incoming one, rows added in place, when nothing else holds it; when an addition shares
+    it with another operand, that operand's gradient is left exactly dL/dy."""
+    (x, *_), index, valid = _inputs(SHAPES[1], torch.float32)
+    coords = torch.stack(torch.where(valid))
+    coords[1] = index[valid]
+
+    def double_rows(hidden, index, valid, A, B, b):
+        return _DoubleSelectedRows.apply(hidden, hidden, coords)
+
+    def double_rows_eager(hidden, index, valid, A, B, b):
+        return edit_rows(hidden, index, valid, lambda rows: rows)
+
+    below, above, _, _ = _gradient_below(double_rows, shared=False)
+    assert below.data_ptr() == above
+    want, _, _, _ = _gradient_below(double_rows_eager, shared=False)
+    torch.testing.assert_close(below, want, atol=0, rtol=0)
+    below, above, other, dy = _gradient_below(double_rows, shared=True)
+    assert below.data_ptr() != above
+    torch.testing.assert_close(other, dy, atol=0, rtol=0)
+    torch.testing.assert_close(below, _gradient_below(double_rows_eager, shared=True)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES[:2], ids=["fp32", "bf16"])
+def test_kernel_backward_leaves_a_shared_gradient_unchanged(dtype, atol, rtol):
+    """When the incoming gradient is also another operand's (a residual addition), the edited rows
+    are not written into it; the gradient below the edit is still the eager edit's."""
+    below, _, other, dy = _gradient_below(fused_low_rank_edit, shared=True, dtype=dtype)
+    torch.testing.assert_close(other, dy, atol=0, rtol=0)
+    want = _gradient_below(low_rank_edit, shared=True, dtype=dtype)[0]
+    torch.testing.assert_close(below, want, atol=atol * max(1.0, float(want.abs().max())), rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton's interpreter holds its arguments' storages)")
+def test_kernel_backward_copies_no_whole_gradient_on_cuda():
+    below, above, _, _ = _gradient_below(fused_low_rank_edit, shared=False)
+    assert below.data_ptr() == above
+    torch.testing.assert_close(below, _gradient_below(low_rank_edit, shared=False)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_hidden_state_that_needs_no_gradient_gets_none():
+    """At the lowest edited layer of a frozen model the hidden state needs no gradient: the factors
+    still get theirs, exactly as the eager edit's."""
+    (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
+    h = h.detach()
+    got = torch.autograd.grad(fused_low_rank_edit(h.clone(), index, valid, A, B, b).square().sum(), (A, B, b))
+    want = torch.autograd.grad(low_rank_edit(h, index, valid, A, B, b).square().sum(), (A, B, b))
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+
+
+def test_create_graph_gives_the_same_first_gradients():
+    """With create_graph=True autograd sums gradients out of place: the sparse part is added here."""
+    (x, A, B, b), index, valid = _inputs(SHAPES[3], torch.float32)
+    grads = [torch.autograd.grad(edit(x * 1.0, index, valid, A, B, b).square().sum(), (x, A), create_graph=True)
+             for edit in (fused_low_rank_edit, low_rank_edit)]
+    for got, want in zip(*grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

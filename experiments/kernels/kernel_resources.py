@@ -97,13 +97,14 @@ def main() -> int:
         forward = {"H": f"*{t}", "ROWS": "*i64", "VALID": "*i8", "SAVED": f"*{t}", "Z": "*fp32", "A": f"*{t}", "B": f"*{t}",
                    "BIAS": f"*{t}", "ADAPTER": "*i32", "n_rows": "i32", "d": "i32", "RANK": "constexpr",
                    "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "SAVE": "constexpr", "MULTI": "constexpr"}
-        backward = {"DY": f"*{t}", "DH": f"*{t}", "DY_ROWS": "*fp32", "ROWS": "*i64", "VALID": "*i8", "U": "*fp32", "A": f"*{t}", "B": f"*{t}",
-                    "n_rows": "i32", "d": "i32", "RANK": "constexpr", "BLOCK_M": "constexpr", "BLOCK_D": "constexpr"}
+        backward = {"DY": f"*{t}", "CHANGE": f"*{t}", "COORDS": "*i64", "DY_ROWS": "*fp32", "ROWS": "*i64", "VALID": "*i8", "U": "*fp32",
+                    "A": f"*{t}", "B": f"*{t}", "n_rows": "i32", "d": "i32", "width": "i32", "RANK": "constexpr", "BLOCK_M": "constexpr",
+                    "BLOCK_D": "constexpr", "INPUT_GRAD": "constexpr"}
         for d in opts.widths:
             for rank in opts.ranks:
                 for name, fn, signature, multi, extra in (
                         ("train_fwd", kernels._edit_fwd, forward, False, {"SAVE": True, "MULTI": False}),
-                        ("train_bwd", kernels._edit_bwd, backward, False, {}),
+                        ("train_bwd", kernels._edit_bwd, backward, False, {"INPUT_GRAD": True}),
                         ("serve_fwd", kernels._edit_fwd, forward, True, {"SAVE": False, "MULTI": True})):
                     block_m, block_d, warps = launch(4096, d, multi)
                     regs, stack, seconds = resources(fn, signature, {"RANK": rank, "BLOCK_M": block_m, "BLOCK_D": block_d, **extra},

@@ -6,11 +6,14 @@ forward of the model, outside the kernel); DiReFT uses A = W₁, B = W₂. Posit
 
 Forward, one program per block of selected rows: read each row once, z = A h + b (rank r, kept on
 chip, fp32), write h + Bᵀz once; save the original rows (in their own dtype) and z for backward.
-Backward, one program per row block: u = B dy and dh = dy + Aᵀu (rows not selected pass dy
-through). The factor gradients are then two skinny matmuls over the selected rows, dA = uᵀH and
-dB = zᵀdY, and db = Σ u: [n, r] and [n, d] operands instead of per-program [r, d] partial sums
-(which were grid × r × d fp32: 512 MiB at 128×32 rows of d = 4096, r8). Autograd carries dA, dB to
-W, R (and through R's orthonormalisation) outside the kernel.
+Backward, one program per row block: u = B dy and dh = dy + Aᵀu on the selected rows. The kernel
+writes only the Aᵀu rows; autograd adds them into dy, without a copy of the whole gradient where
+nothing else holds dy (``hidden_gradient_parts``). At the lowest edited layer of a frozen model
+the hidden state needs no gradient and none is formed. The factor gradients are two skinny
+matmuls over the selected rows, dA = uᵀH and dB = zᵀdY, and db = Σ u: [n, r] and [n, d] operands
+instead of per-program [r, d] partial sums (which were grid × r × d fp32: 512 MiB at 128×32 rows
+of d = 4096, r8). Autograd carries dA, dB to W, R (and through R's orthonormalisation) outside the
+kernel.
 
 Per-row adapter selection (inference): with K stacked adapters, A, B are [K, r, d] and each
 selected row reads the factors of its batch row's adapter, so one launch serves a batch that mixes
@@ -99,22 +102,27 @@ def _edit_fwd(H, ROWS, VALID, SAVED, Z, A, B, BIAS, ADAPTER, n_rows, d,
 
 
 @triton.jit
-def _edit_bwd(DY, DH, DY_ROWS, ROWS, VALID, U, A, B, n_rows, d,
-              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _edit_bwd(DY, CHANGE, COORDS, DY_ROWS, ROWS, VALID, U, A, B, n_rows, d, width,
+              RANK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INPUT_GRAD: tl.constexpr):
     pid = tl.program_id(0)
     m, live, row, cols, cmask, mask = _row_block(pid, ROWS, VALID, n_rows, d, BLOCK_M, BLOCK_D)
+    slot = m < n_rows
     dy = tl.load(DY + row[:, None] * d + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     # the selected rows' dy in fp32 for dB = zᵀdY (zeros on slots not live, where z is 0 too): saves a
     # gather and a cast launch, and a second read of those rows
-    tl.store(DY_ROWS + m[:, None] * d + cols[None, :], dy, mask=(m < n_rows)[:, None] & cmask[None, :])
-    dh = dy
+    tl.store(DY_ROWS + m[:, None] * d + cols[None, :], dy, mask=slot[:, None] & cmask[None, :])
+    change = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for k in tl.range(0, RANK):
-        a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
         b_k = tl.load(B + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
         u_k = tl.sum(dy * b_k[None, :], axis=1)  # u = B dy (0 on slots not live)
-        tl.store(U + m * RANK + k, u_k, mask=m < n_rows)
-        dh += u_k[:, None] * a_k[None, :]  # dL/dh = dy + Aᵀ u
-    tl.store(DH + row[:, None] * d + cols[None, :], dh.to(DH.dtype.element_ty), mask=mask)
+        tl.store(U + m * RANK + k, u_k, mask=slot)
+        if INPUT_GRAD:
+            a_k = tl.load(A + k * d + cols, mask=cmask, other=0.0).to(tl.float32)
+            change += u_k[:, None] * a_k[None, :]  # dL/dh = dy + Aᵀu: the Aᵀu part
+    if INPUT_GRAD:  # Aᵀu per slot (0 where not live) and its (batch, position) for a sparse gradient
+        tl.store(CHANGE + m[:, None] * d + cols[None, :], change.to(CHANGE.dtype.element_ty), mask=slot[:, None] & cmask[None, :])
+        tl.store(COORDS + m, row // width, mask=slot)
+        tl.store(COORDS + n_rows + m, row % width, mask=slot)
 
 
 def _launch_shape(n_rows: int, d: int, per_row_adapter: bool = False) -> tuple[int, int, int, int]:
@@ -136,14 +144,18 @@ def flat_rows(index: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[tor
 
 
 class _FusedEdit(torch.autograd.Function):
+    """Inputs: hidden twice (the same tensor), rows, flags, A, B, b. Twice, so that the gradient of
+    hidden can come back in two parts (``hidden_gradient_parts``) and the incoming gradient is not
+    copied whole to add Aᵀu to its selected rows."""
+
     @staticmethod
-    def forward(ctx, hidden, rows, flags, A, B, b):
+    def forward(ctx, hidden, _hidden_again, rows, flags, A, B, b):
         # Edit in place: only the selected rows are read and written. Autograd's version counter
         # still guards the input (an op that saved it would raise in backward, never go wrong).
         # A leaf that requires grad, or a strided view, is copied first.
         inplace = hidden.is_contiguous() and not (hidden.is_leaf and hidden.requires_grad)
         out = hidden if inplace else hidden.contiguous().clone()
-        save = any(ctx.needs_input_grad[i] for i in (0, 3, 4, 5))
+        save = any(ctx.needs_input_grad[i] for i in (0, 4, 5, 6))
         n_rows, d, rank = rows.numel(), out.shape[-1], A.shape[0]
         saved = torch.empty(n_rows if save else 0, d, dtype=out.dtype, device=out.device)
         z = torch.empty(n_rows if save else 0, rank, dtype=torch.float32, device=out.device)
@@ -159,17 +171,37 @@ class _FusedEdit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         rows, flags, saved, z, A, B = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        grad_hidden = grad_out.clone()  # unselected rows: dL/dh = dy
-        n_rows, d, rank = rows.numel(), grad_out.shape[-1], A.shape[0]
-        u = torch.empty(n_rows, rank, dtype=torch.float32, device=grad_out.device)
-        dy_rows = torch.empty(n_rows, d, dtype=torch.float32, device=grad_out.device)
+        dy = grad_out.contiguous()
+        input_grad = ctx.needs_input_grad[0]  # False at the lowest edited layer of a frozen model
+        n_rows, d, rank = rows.numel(), dy.shape[-1], A.shape[0]
+        n_changed = n_rows if input_grad else 0
+        change = torch.empty(n_changed, d, dtype=dy.dtype, device=dy.device)
+        coords = torch.empty(2, n_changed, dtype=torch.int64, device=dy.device)
+        u = torch.empty(n_rows, rank, dtype=torch.float32, device=dy.device)
+        dy_rows = torch.empty(n_rows, d, dtype=torch.float32, device=dy.device)
         grid, block_m, block_d, warps = ctx.launch
-        _edit_bwd[(grid,)](grad_out, grad_hidden, dy_rows, rows, flags, u, A.contiguous(), B.contiguous(), n_rows, d,
-                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps)
+        _edit_bwd[(grid,)](dy, change, coords, dy_rows, rows, flags, u, A.contiguous(), B.contiguous(), n_rows, d, dy.shape[1],
+                           RANK=rank, BLOCK_M=block_m, BLOCK_D=block_d, INPUT_GRAD=input_grad, num_warps=warps)
         # dA = Σ u hᵀ, dB = Σ z dyᵀ over the selected rows (z, u are 0 on padding slots), in fp32
         dA, dB, db = (u.T @ saved.float()).to(A.dtype), (z.T @ dy_rows).to(B.dtype), u.sum(0).to(ctx.bias_dtype)
-        return grad_hidden, None, None, dA, dB, db
+        if not input_grad:
+            return None, None, None, None, dA, dB, db
+        return *hidden_gradient_parts(grad_out, coords, change), None, None, dA, dB, db
+
+
+def hidden_gradient_parts(grad_out: torch.Tensor, coords: torch.Tensor, change: torch.Tensor):
+    """The gradient of an input passed twice to an autograd Function, as the two parts returned for
+    its two copies, when it is ``grad_out`` plus ``change`` [n, d] at rows ``coords`` [2, n] of
+    (batch, position): the rows as a sparse tensor first, ``grad_out`` itself second. Autograd sums
+    the second into the first in place when nothing else holds ``grad_out`` (the part that arrives
+    first stays referenced by the Function's outputs until the others are summed), and out of place
+    when something does, as when an addition handed the same gradient to both operands. Python
+    code that takes ``grad_out.untyped_storage()`` first (Triton's interpreter does) keeps a
+    reference to its storage, and the sum is then out of place."""
+    selected = torch.sparse_coo_tensor(coords, change, grad_out.shape, check_invariants=False)
+    if torch.is_grad_enabled():  # create_graph: autograd sums out of place, as sparse + dense, which torch refuses
+        return grad_out + selected, None
+    return selected, grad_out
 
 
 def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
@@ -201,7 +233,7 @@ def fused_edit_rows(hidden: torch.Tensor, rows: torch.Tensor, flags: torch.Tenso
                     A: torch.Tensor, B: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``fused_low_rank_edit`` at positions already in the kernel's form (``flat_rows``). The caller
     has checked the shapes and ``triton_usable``."""
-    return _FusedEdit.apply(hidden, rows, flags, A, B, b)
+    return _FusedEdit.apply(hidden, hidden, rows, flags, A, B, b)
 
 
 def _edit_per_row_adapter(hidden, index, valid, A, B, b, adapter):
