@@ -7,7 +7,9 @@ selection among 8 stacked adapters, forward only), mode (fwd, bwd: the gradients
 state and of the provider's own parameters; full: both), shape, median/p20/p80
 time (triton.testing.do_bench), bytes moved by an ideal kernel (selected rows read and written
 once, in the input dtype), achieved GB/s, the same GPU's measured device-to-device copy bandwidth,
-GPU name, versions and date. The end-to-end training step, fused vs eager, is
+GPU name, versions and date. The script holds dL/dy for the backward, so the fused backward sums
+its rows into a copy of it here (in a model it sums them in place: nothing else holds the incoming
+gradient there). The end-to-end training step, fused vs eager, is
 `reft-lab bench --providers reft_lab_loreft reft_lab_loreft_eager pyreft_loreft`.
 """
 
