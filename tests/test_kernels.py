@@ -384,6 +384,40 @@ def test_kernel_backward_copies_no_whole_gradient_on_cuda():
     torch.testing.assert_close(below, _gradient_below(low_rank_edit, shared=False)[0], atol=1e-5, rtol=1e-5)
 
 
+def _eager_edit(in_place: bool):
+    def edit(hidden, index, valid, A, B, b):
+        return edit_rows(hidden, index, valid, lambda rows: torch.tanh(rows @ A.T + b) @ B, in_place=in_place)
+
+    return edit
+
+
+def test_eager_edit_of_a_layer_output_is_in_place_and_equals_the_out_of_place_edit():
+    """The CPU path's edit of a layer output (``in_place=True``) edits the hidden state itself; its
+    output and the gradient below it equal the out-of-place edit's bit for bit, and a gradient
+    shared with another operand is left dL/dy."""
+    (x, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
+    hidden = x * 1.0
+    out = _eager_edit(in_place=True)(hidden, index, valid, A, B, b)
+    assert out.data_ptr() == hidden.data_ptr()
+    torch.testing.assert_close(out, _eager_edit(in_place=False)(x * 1.0, index, valid, A, B, b), atol=0, rtol=0)
+    for shared in (False, True):
+        below, _, other, dy = _gradient_below(_eager_edit(in_place=True), shared=shared)
+        torch.testing.assert_close(below, _gradient_below(_eager_edit(in_place=False), shared=shared)[0], atol=0, rtol=0)
+        if shared:
+            torch.testing.assert_close(other, dy, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
+def test_eager_edit_keeps_no_tensor_the_size_of_the_hidden_state_for_backward(in_place):
+    """torch's gather keeps its whole input for backward: the unedited hidden state, a second one
+    per edited layer beside the edited one. The edit's gather keeps only the index."""
+    (x, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        _eager_edit(in_place)(x * 1.0, index, valid, A, B, b)
+    assert saved and max(saved) < x.numel(), saved
+
+
 def test_a_hidden_state_that_needs_no_gradient_gets_none():
     """At the lowest edited layer of a frozen model the hidden state needs no gradient: the factors
     still get theirs, exactly as the eager edit's."""

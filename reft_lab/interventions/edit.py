@@ -1,7 +1,14 @@
 """The eager edit of selected rows, in plain torch: gather the rows at (b, index[b, p]), add Δ where
-valid[b, p], scatter back (out of place). The hook of ``ReftModel`` and the fused kernel's
-fallback and tests all go through ``edit_rows``; ``low_rank_edit`` is its factor form, the
-reference the Triton kernel is checked against.
+valid[b, p], scatter back. The hook of ``ReftModel`` and the fused kernel's fallback and tests all go
+through ``edit_rows``; ``low_rank_edit`` is its factor form, the reference the Triton kernel is
+checked against.
+
+Backward adds only the selected rows' gradient into the hidden state's: the gather hands it back
+as a sparse tensor (``sparse_rows``), which autograd adds to a copy of the incoming gradient (the
+incoming one arrives first, and torch sums a sparse part into a dense one only out of place),
+where torch's gather would make a zero-filled tensor of the whole hidden state, scatter the rows
+into it and add that. torch's gather would also keep the whole unedited hidden state until
+backward, for its shape; this one keeps the index.
 """
 
 from __future__ import annotations
@@ -12,12 +19,43 @@ import torch
 
 
 def edit_rows(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
-              delta: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """hidden [batch, T, d]; index, valid [batch, P]; ``delta(rows [batch, P, d]) → [batch, P, d]``."""
+              delta: Callable[[torch.Tensor], torch.Tensor], in_place: bool = False) -> torch.Tensor:
+    """hidden [batch, T, d]; index, valid [batch, P]; ``delta(rows [batch, P, d]) → [batch, P, d]``.
+
+    Out of place, unless ``in_place`` (a model's layer output, which nothing else has read yet):
+    then the rows are added into ``hidden`` itself where autograd allows it (not a leaf that
+    requires grad, not a view), with no copy of the whole hidden state."""
+    change = delta(_GatherRows.apply(hidden, index))
+    change = (change * valid.unsqueeze(-1).to(change.dtype)).to(hidden.dtype)
     idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    change = delta(hidden.gather(1, idx))
-    change = change * valid.unsqueeze(-1).to(change.dtype)
-    return hidden.scatter_add(1, idx, change.to(hidden.dtype))
+    if in_place and hidden._base is None and not (hidden.is_leaf and hidden.requires_grad):
+        return hidden.scatter_add_(1, idx, change)
+    return hidden.scatter_add(1, idx, change)
+
+
+def sparse_rows(coords: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A [batch, T, d] gradient that is ``values`` [n, d] at rows ``coords`` [2, n] of (batch,
+    position) and 0 elsewhere, as a sparse tensor. Under create_graph autograd sums gradients out
+    of place and torch adds no sparse tensor to a dense one in that order, so it is dense there."""
+    rows = torch.sparse_coo_tensor(coords, values, shape, check_invariants=False)
+    return rows.to_dense() if torch.is_grad_enabled() else rows
+
+
+class _GatherRows(torch.autograd.Function):
+    """rows = hidden[b, index[b, p]] ([batch, P, d]); saves the index only."""
+
+    @staticmethod
+    def forward(ctx, hidden, index):
+        ctx.save_for_backward(index)
+        ctx.shape = hidden.shape
+        return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (index,) = ctx.saved_tensors
+        batch_ids = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+        coords = torch.stack((batch_ids, index.reshape(-1)))
+        return sparse_rows(coords, grad_rows.reshape(-1, grad_rows.shape[-1]), ctx.shape), None
 
 
 def low_rank_edit(hidden, index, valid, A, B, b, adapter=None):

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reft_lab.interventions.edit import low_rank_edit
+from reft_lab.interventions.edit import low_rank_edit, sparse_rows
 
 MAX_RANK = 64
 MAX_HIDDEN = 16384  # one row is held on chip: next_power_of_2(d) elements
@@ -145,8 +145,11 @@ def flat_rows(index: torch.Tensor, valid: torch.Tensor, width: int) -> tuple[tor
 
 class _FusedEdit(torch.autograd.Function):
     """Inputs: hidden twice (the same tensor), rows, flags, A, B, b. Twice, so that the gradient of
-    hidden can come back in two parts (``hidden_gradient_parts``) and the incoming gradient is not
-    copied whole to add Aᵀu to its selected rows."""
+    hidden comes back in two parts (``hidden_gradient_parts``): Aᵀu at the selected rows and the
+    incoming gradient itself, which autograd sums, in place where nothing else holds the incoming
+    gradient (out of place where something does, as when an addition handed one gradient to both
+    operands). Python code that takes a tensor's ``untyped_storage()`` keeps its storage
+    referenced: Triton's interpreter does, so on a CPU the sum is out of place."""
 
     @staticmethod
     def forward(ctx, hidden, _hidden_again, rows, flags, A, B, b):
@@ -189,19 +192,11 @@ class _FusedEdit(torch.autograd.Function):
         return *hidden_gradient_parts(grad_out, coords, change), None, None, dA, dB, db
 
 
-def hidden_gradient_parts(grad_out: torch.Tensor, coords: torch.Tensor, change: torch.Tensor):
-    """The gradient of an input passed twice to an autograd Function, as the two parts returned for
-    its two copies, when it is ``grad_out`` plus ``change`` [n, d] at rows ``coords`` [2, n] of
-    (batch, position): the rows as a sparse tensor first, ``grad_out`` itself second. Autograd sums
-    the second into the first in place when nothing else holds ``grad_out`` (the part that arrives
-    first stays referenced by the Function's outputs until the others are summed), and out of place
-    when something does, as when an addition handed the same gradient to both operands. Python
-    code that takes ``grad_out.untyped_storage()`` first (Triton's interpreter does) keeps a
-    reference to its storage, and the sum is then out of place."""
-    selected = torch.sparse_coo_tensor(coords, change, grad_out.shape, check_invariants=False)
-    if torch.is_grad_enabled():  # create_graph: autograd sums out of place, as sparse + dense, which torch refuses
-        return grad_out + selected, None
-    return selected, grad_out
+def hidden_gradient_parts(grad_out: torch.Tensor, coords: torch.Tensor, change: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``grad_out`` plus ``change`` at rows ``coords`` as the two parts of one input's gradient
+    (``_FusedEdit``). The rows first: autograd sums the part that arrives second into the first in
+    place, and the first stays referenced by the Function's outputs until all are summed."""
+    return sparse_rows(coords, change, grad_out.shape), grad_out
 
 
 def fused_low_rank_edit(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,

@@ -202,7 +202,7 @@ class ReftModel(TunedModel):
                     hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key].factors(), adapter_ids)
             else:
                 hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
-                    [self.interventions[key].edit(rows[:, cols], self._factors(key)) for key, cols in routes], 1))
+                    [self.interventions[key].edit(rows[:, cols], self._factors(key)) for key, cols in routes], 1), in_place=True)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
