@@ -418,9 +418,9 @@ def test_eager_edit_keeps_no_tensor_the_size_of_the_hidden_state_for_backward(in
     assert saved and max(saved) < x.numel(), saved
 
 
-def test_a_hidden_state_that_needs_no_gradient_gets_none():
-    """At the lowest edited layer of a frozen model the hidden state needs no gradient: the factors
-    still get theirs, exactly as the eager edit's."""
+def test_factor_gradients_where_the_hidden_state_needs_none():
+    """At the lowest edited layer of a frozen model the hidden state needs no gradient, and the
+    backward forms none: the factors still get theirs, exactly as the eager edit's."""
     (h, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
     h = h.detach()
     got = torch.autograd.grad(fused_low_rank_edit(h.clone(), index, valid, A, B, b).square().sum(), (A, B, b))
@@ -430,7 +430,7 @@ def test_a_hidden_state_that_needs_no_gradient_gets_none():
 
 
 def test_create_graph_gives_the_same_first_gradients():
-    """With create_graph=True autograd sums gradients out of place: the sparse part is added here."""
+    """With create_graph=True autograd sums gradients out of place, and the rows' part is dense."""
     (x, A, B, b), index, valid = _inputs(SHAPES[3], torch.float32)
     grads = [torch.autograd.grad(edit(x * 1.0, index, valid, A, B, b).square().sum(), (x, A), create_graph=True)
              for edit in (fused_low_rank_edit, low_rank_edit)]
