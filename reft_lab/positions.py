@@ -13,6 +13,7 @@ we build, once, an index tensor [B, P] (P = n_first + n_last) and a validity mas
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,19 @@ class Positions:
 
     index: torch.Tensor
     valid: torch.Tensor
+
+    @cached_property
+    def coords(self) -> torch.Tensor:
+        """[2, B·P]: (batch, position) of each index entry, row-major; what the eager edit's backward
+        addresses its rows by. Built on first use and kept with the batch's positions, so every
+        edited layer shares it."""
+        return row_coords(self.index)
+
+
+def row_coords(index: torch.Tensor) -> torch.Tensor:
+    """[2, B·P] (batch, position) of each entry of an index [B, P] into the sequence axis."""
+    batch_ids = torch.arange(index.shape[0], device=index.device).repeat_interleave(index.shape[1])
+    return torch.stack((batch_ids, index.reshape(-1)))
 
 
 def prompt_positions(

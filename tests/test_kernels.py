@@ -241,6 +241,24 @@ def test_fused_path_flattens_positions_once_per_group_per_batch(tiny, batch, mon
     torch.testing.assert_close(out["triton"], out["eager"], atol=1e-5, rtol=1e-5)
 
 
+def test_eager_path_builds_row_coords_once_per_batch(tiny, batch, monkeypatch):
+    """The eager edit's backward addresses its rows by (batch, position): every edited layer and
+    group of a batch shares one ``row_coords`` of the batch's positions, forward and backward;
+    the next batch builds its own."""
+    import reft_lab.positions as positions
+    from reft_lab.methods import attach
+
+    calls = []
+    real = positions.row_coords
+    monkeypatch.setattr(positions, "row_coords", lambda index: calls.append(index.shape) or real(index))
+    ids, mask, lengths = (t.to(DEVICE) for t in batch)
+    tuned = attach(tiny(device=DEVICE).model, {"name": "loreft", "layers": [0, 1, 2, 3], "positions": "f2+l2", "impl": "eager"}).train()
+    for _ in range(2):
+        tuned(ids, attention_mask=mask, prompt_lengths=lengths).logits.float().square().mean().backward()
+    assert calls == [(2, 4), (2, 4)]  # 2 prompts × 4 positions, once per batch for 4 layers × 2 groups
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tuned.trainable_state().values())
+
+
 def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monkeypatch):
     """The preflight attaches to a meta-device copy: the kernel check asks of the load device, so
     impl=triton passes for a CUDA model (CUDA faked, interpreter off) and fails, before any load,

@@ -182,6 +182,15 @@ class ReftModel(TunedModel):
 
     def _hook(self, layer: int):
         routes = [(intervention_key(layer, g), cols) for g, cols in self.groups.items()]
+        sizes = [cols.stop - cols.start for _, cols in routes]  # the groups split the positions in order
+
+        def edit_groups(rows: torch.Tensor) -> torch.Tensor:
+            """Each group's rows edited by its own intervention. A split, not a slice per group: its
+            backward is one concatenation, where each slice's is a zero-filled copy to be summed."""
+            if len(routes) == 1:
+                return self.interventions[routes[0][0]].edit(rows, self._factors(routes[0][0]))
+            return torch.cat([self.interventions[key].edit(part, self._factors(key))
+                              for (key, _), part in zip(routes, rows.split(sizes, 1))], 1)
 
         def edit_output(module, args, output):
             if not self._edits_this_forward():
@@ -201,8 +210,7 @@ class ReftModel(TunedModel):
                 for key, cols in routes:
                     hidden = edit(hidden, positions.index[:, cols], positions.valid[:, cols], *self.bank[key].factors(), adapter_ids)
             else:
-                hidden = edit_rows(hidden, positions.index, positions.valid, lambda rows: torch.cat(
-                    [self.interventions[key].edit(rows[:, cols], self._factors(key)) for key, cols in routes], 1), in_place=True)
+                hidden = edit_rows(hidden, positions.index, positions.valid, edit_groups, in_place=True, coords=positions.coords)
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
         return edit_output
