@@ -13,8 +13,8 @@ we build, once, an index tensor [B, P] (P = n_first + n_last) and a validity mas
 from __future__ import annotations
 
 import re
-from functools import cached_property
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
