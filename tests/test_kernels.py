@@ -259,6 +259,21 @@ def test_eager_path_builds_row_coords_once_per_batch(tiny, batch, monkeypatch):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in tuned.trainable_state().values())
 
 
+def test_eager_edit_builds_row_coords_only_for_a_gradient(monkeypatch):
+    """Without coords from its caller, the eager edit builds them in backward: none at inference."""
+    import reft_lab.interventions.edit as edit
+
+    calls = []
+    real = edit.row_coords
+    monkeypatch.setattr(edit, "row_coords", lambda index: calls.append(index.shape) or real(index))
+    (x, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
+    with torch.no_grad():
+        low_rank_edit(x, index, valid, A, B, b)
+    assert calls == []
+    low_rank_edit(x, index, valid, A, B, b).sum().backward()
+    assert calls == [index.shape]
+
+
 def test_preflight_checks_impl_triton_against_the_device_the_model_loads_on(monkeypatch):
     """The preflight attaches to a meta-device copy: the kernel check asks of the load device, so
     impl=triton passes for a CUDA model (CUDA faked, interpreter off) and fails, before any load,
@@ -428,7 +443,8 @@ def test_eager_edit_of_a_layer_output_is_in_place_and_equals_the_out_of_place_ed
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "out-of-place"])
 def test_eager_edit_keeps_no_tensor_the_size_of_the_hidden_state_for_backward(in_place):
     """torch's gather keeps its whole input for backward: the unedited hidden state, a second one
-    per edited layer beside the edited one. The edit's gather keeps only the index."""
+    per edited layer beside the edited one. The edit's gather keeps only the index and the rows'
+    (batch, position) coordinates."""
     (x, A, B, b), index, valid = _inputs(SHAPES[1], torch.float32)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):

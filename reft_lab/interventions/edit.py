@@ -8,7 +8,7 @@ as a sparse tensor (``sparse_rows``), which autograd adds to a copy of the incom
 incoming one arrives first, and torch sums a sparse part into a dense one only out of place),
 where torch's gather would make a zero-filled tensor of the whole hidden state, scatter the rows
 into it and add that. torch's gather would also keep the whole unedited hidden state until
-backward, for its shape; this one keeps the rows' (batch, position) coordinates.
+backward, for its shape; this one keeps the index and the rows' (batch, position) coordinates.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def edit_rows(hidden: torch.Tensor, index: torch.Tensor, valid: torch.Tensor,
     then the rows are added into ``hidden`` itself where autograd allows it (not a leaf that
     requires grad, not a view), with no copy of the whole hidden state. ``coords``: ``row_coords
     (index)``, from a caller that edits many layers at the same positions (``Positions.coords``);
-    else built here."""
-    change = delta(_GatherRows.apply(hidden, index, row_coords(index) if coords is None else coords))
+    else built in backward, only where a gradient is asked for."""
+    change = delta(_GatherRows.apply(hidden, index, coords))
     change = (change * valid.unsqueeze(-1).to(change.dtype)).to(hidden.dtype)
     idx = index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     if in_place and hidden._base is None and not (hidden.is_leaf and hidden.requires_grad):
@@ -47,18 +47,19 @@ def sparse_rows(coords: torch.Tensor, values: torch.Tensor, shape: torch.Size) -
 
 
 class _GatherRows(torch.autograd.Function):
-    """rows = hidden[b, index[b, p]] ([batch, P, d]); saves only the rows' coords ([2, batch·P],
-    ``row_coords(index)``), for backward."""
+    """rows = hidden[b, index[b, p]] ([batch, P, d]); saves only the index and the rows' coords
+    ([2, batch·P], ``row_coords(index)``; None: built from the index in backward)."""
 
     @staticmethod
     def forward(ctx, hidden, index, coords):
-        ctx.save_for_backward(coords)
+        ctx.save_for_backward(index, coords)
         ctx.shape = hidden.shape
         return hidden.gather(1, index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_rows):
-        (coords,) = ctx.saved_tensors
+        index, coords = ctx.saved_tensors
+        coords = row_coords(index) if coords is None else coords
         return sparse_rows(coords, grad_rows.reshape(-1, grad_rows.shape[-1]), ctx.shape), None, None
 
 
